@@ -1,0 +1,86 @@
+"""`python -m robotrain [overrides]`: compose the config with Hydra, then train here.
+
+Bad input ends the process with one line on stderr, `robotrain: error: <what and how to
+fix it>`, and exit status 2 — whether Hydra found it while composing (unknown group
+option, bad override) or robotrain found it while validating. A run stopped by a
+preemption signal exits with `EXIT_PREEMPTED` (75) after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from robotrain import cli_errors
+from robotrain.config import conf_dir, parse, register_configs
+from robotrain.errors import UserError
+from robotrain.preemption import EXIT_PREEMPTED
+
+log = logging.getLogger("robotrain")
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
+def _hydra_main(composed: DictConfig) -> float | None:
+    cli_errors.composition_done()
+    try:
+        result = run(composed)
+    except UserError as err:
+        cli_errors.fail(str(err))
+    if result.preempted_by:
+        print(
+            f"robotrain: stopped by {result.preempted_by} at step {result.step}; checkpoint {result.last_checkpoint}. "
+            f"Continue with: python -m robotrain hydra.run.dir={result.run_dir} resume=auto",
+            file=sys.stderr,
+        )
+        sys.exit(EXIT_PREEMPTED)
+    final = result.evals.get(result.step, {})
+    return final.get("eval/success_rate")
+
+
+def run(composed: DictConfig):
+    """Resolve resume, validate, train; returns the `RunResult`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from robotrain import resume
+    from robotrain.train import train
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    parse(composed)  # validate what was typed before looking at any checkpoint
+    point = resume.locate(composed.resume.spec, run_dir)
+    if point is not None:
+        composed = resume.merged_config(point, composed, hydra_cfg.overrides.task)
+    cfg = parse(composed)
+    result = train(cfg, run_dir, point)
+    _print_summary(cfg, result)
+    return result
+
+
+def _print_summary(cfg, result) -> None:
+    lines = [f"robotrain: {cfg.policy.type} trained to step {result.step} in {result.seconds:.1f}s"]
+    evals = sorted(result.evals.items())
+    if evals:
+        parts = [f"step {s}: {m['eval/success_rate']:.2f}" for s, m in evals]
+        lines.append(f"  eval success rate ({cfg.eval.episodes} episodes): " + ", ".join(parts))
+    lines.append(f"  run dir:     {result.run_dir}")
+    if result.last_checkpoint is not None:
+        lines.append(f"  checkpoint:  {result.last_checkpoint}")
+        lines.append(f"  resume:      python -m robotrain hydra.run.dir={result.run_dir} resume=auto steps=<more>")
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    """Console-script entry point (`robotrain ...`), same as `python -m robotrain`."""
+    sys.argv = cli_errors.expand_shorthands(sys.argv)
+    with cli_errors.one_line_errors():
+        _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

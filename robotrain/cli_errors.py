@@ -1,0 +1,81 @@
+"""One-line errors for the command line, including Hydra's own.
+
+Hydra reports composition errors (an unknown group option, a malformed override, a value
+of the wrong type) as several lines on stderr and exits with status 1, before any
+robotrain code runs. `one_line_errors()` holds stderr back until composition is done; if
+Hydra fails first, it prints the gist as one `robotrain: error: …` line and exits with 2,
+like every other bad input. Once `composition_done()` is called, stderr flows untouched.
+
+It also expands the `resume=<spec>` shorthand to `resume.spec=<spec>`, so that
+`resume.allow_changes=true` can sit beside it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from contextlib import contextmanager
+from typing import Iterator, NoReturn
+
+EXIT_USAGE = 2
+_held: io.StringIO | None = None
+_real_stderr = None
+_NOISE = ("full_key:", "object_type=", "reference_type=", "Set the environment variable HYDRA_FULL_ERROR",
+          "Config search path", "provider=", "See https://hydra.cc")
+
+
+def fail(message: str) -> NoReturn:
+    """Print `robotrain: error: <message>` as one line and exit with status 2."""
+    composition_done()
+    print(f"robotrain: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def expand_shorthands(argv: list[str]) -> list[str]:
+    return [argv[0]] + [re.sub(r"^resume=", "resume.spec=", arg) for arg in argv[1:]]
+
+
+def composition_done() -> None:
+    """Release held stderr: from here on, output is the run's own."""
+    global _held
+    if _held is not None:
+        sys.stderr = _real_stderr
+        sys.stderr.write(_held.getvalue())
+        sys.stderr.flush()
+        _held = None
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    global _held, _real_stderr
+    _real_stderr, _held = sys.stderr, io.StringIO()
+    sys.stderr = _held
+    try:
+        yield
+    except SystemExit as exit_:
+        if _held is not None and exit_.code not in (0, None):
+            text = _held.getvalue()
+            _held = None
+            sys.stderr = _real_stderr
+            fail(condense(text) or "invalid command line; see python -m robotrain --help")
+        raise
+    finally:
+        composition_done()
+
+
+def condense(text: str) -> str:
+    """The gist of a Hydra composition error, on one line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Available options in" in text:
+        start = next(i for i, line in enumerate(lines) if line.startswith("Available options in"))
+        options = [line for line in lines[start + 1:] if not line.startswith(_NOISE) and ":" not in line]
+        missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
+        if missing:
+            group, option = missing.groups()
+            return f"no option {option!r} in config group {group!r}; choose one of: {', '.join(options)}"
+    match = re.search(r"Could not override '([^']+)'", text)
+    if match and re.search(r"Key '[^']+' (is )?not in", text):
+        return f"unknown config key {match.group(1)!r}; check its spelling (python -m robotrain --cfg job lists every key)"
+    useful = [line.removeprefix("In 'config': ") for line in lines if not line.startswith(_NOISE)]
+    return ": ".join(useful[:2])

@@ -1,0 +1,83 @@
+"""Policy registry: `policy.type` -> class, plus building and loading policies.
+
+Policies are imported lazily so that `python -m robotrain policy=mlp` never pays for
+importing transformers or diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+from robotrain.checkpoint import load_safetensors
+from robotrain.errors import UserError
+from robotrain.policies.base import (
+    Policy,
+    PolicyConfig,
+    features_from_dataset,
+    read_processor_stats,
+    stats_to_tensors,
+)
+
+_REGISTRY: dict[str, str] = {
+    "mlp": "robotrain.policies.mlp:MLPPolicy",
+}
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def policy_class(policy_type: str) -> type[Policy]:
+    if policy_type not in _REGISTRY:
+        raise UserError(f"unknown policy type {policy_type!r}; choose one of: {', '.join(available())}")
+    module, name = _REGISTRY[policy_type].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def policy_config_class(policy_type: str) -> type[PolicyConfig]:
+    return policy_class(policy_type).config_class
+
+
+def make(config: PolicyConfig, meta_features: dict[str, dict], stats: dict[str, dict[str, Any]]) -> Policy:
+    """A fresh policy for a dataset; features left unset in the config are inferred from it."""
+    inputs, outputs = features_from_dataset(meta_features)
+    config = dataclasses.replace(
+        config,
+        input_features=config.input_features or inputs,
+        output_features=config.output_features or outputs,
+    )
+    _check_features_in_dataset(config, meta_features)
+    return policy_class(config.type)(config, stats_to_tensors(stats))
+
+
+def _check_features_in_dataset(config: PolicyConfig, meta_features: dict[str, dict]) -> None:
+    for key in [*config.input_features, *config.output_features]:
+        if key not in meta_features:
+            raise UserError(
+                f"policy feature {key!r} is not in the dataset (it has {', '.join(sorted(meta_features))}); "
+                "unset policy.input_features/output_features to infer them"
+            )
+
+
+def load_config(directory: Path) -> PolicyConfig:
+    """The policy config saved in a pretrained_model/ folder's config.json."""
+    raw = json.loads((Path(directory) / "config.json").read_text())
+    cls = policy_config_class(raw.get("type", "?"))
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def from_pretrained(directory: str | Path) -> Policy:
+    """Load a LeRobot-layout pretrained_model/ folder (local) strictly."""
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory} is not a pretrained policy folder (no config.json)")
+    config = load_config(directory)
+    policy = policy_class(config.type)(config, read_processor_stats(directory))
+    policy.load_state_dict(load_safetensors(directory / "model.safetensors"), strict=True)
+    return policy
+

@@ -1,0 +1,257 @@
+"""What every policy shares: its config, normalization, action queueing and the
+LeRobot `pretrained_model/` folder.
+
+A policy folder is exactly what LeRobot writes (see DESIGN.md, "Checkpoints"):
+
+    config.json                     the policy config, `"type"` first (LeRobot's draccus form)
+    model.safetensors               `state_dict()`, nothing else (no normalization stats)
+    policy_preprocessor.json        LeRobot's processor pipeline, whose normalizer step points at
+    policy_preprocessor_step_3_normalizer_processor.safetensors     `<feature>.<stat>` tensors
+    policy_postprocessor.json       ... and the unnormalizer step for actions
+    policy_postprocessor_step_0_unnormalizer_processor.safetensors
+
+Normalization is done inside the policy here (inputs and targets in `forward`, inputs in
+and actions out in `select_action`), with stats held outside the state dict so that
+`model.safetensors` keys equal LeRobot's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from robotrain.errors import UserError
+
+FeatureSpec = dict[str, Any]  # {"type": "STATE"|"VISUAL"|"ENV"|"ACTION", "shape": [...]}
+
+_PREPROCESSOR_STATS = "policy_preprocessor_step_3_normalizer_processor.safetensors"
+_POSTPROCESSOR_STATS = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+_EPS = 1e-8
+
+
+@dataclass
+class PolicyConfig:
+    """Fields every policy has, named as in LeRobot's `PreTrainedConfig`."""
+
+    type: str = ""
+    """Policy type; selects the class (set by the conf/policy/*.yaml file)."""
+    n_obs_steps: int = 1
+    """Observation frames the policy sees per prediction."""
+    input_features: Optional[dict[str, Any]] = None
+    """Inputs `{key: {type, shape}}`; unset: inferred from the dataset."""
+    output_features: Optional[dict[str, Any]] = None
+    """Outputs `{key: {type, shape}}`; unset: inferred from the dataset."""
+    chunk_size: int = 10
+    """Actions predicted per forward pass."""
+    n_action_steps: int = 5
+    """Actions of each predicted chunk executed before predicting again."""
+    normalization_mapping: dict[str, str] = field(
+        default_factory=lambda: {"VISUAL": "MEAN_STD", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    )
+    """Normalization per feature type: MEAN_STD, MIN_MAX or IDENTITY."""
+    pretrained_path: Optional[str] = None
+    """Start from these weights: a local folder or a Hub repo id."""
+    pretrained_revision: Optional[str] = None
+    """Hub revision (step, tag, branch or sha) of pretrained_path."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size <= 0:
+            raise UserError(f"policy.chunk_size must be > 0, got {self.chunk_size}")
+        if not 0 < self.n_action_steps <= self.chunk_size:
+            raise UserError(
+                f"policy.n_action_steps must be in [1, chunk_size={self.chunk_size}], got {self.n_action_steps}"
+            )
+        for kind, mode in self.normalization_mapping.items():
+            if mode not in ("MEAN_STD", "MIN_MAX", "IDENTITY"):
+                raise UserError(f"policy.normalization_mapping.{kind} must be MEAN_STD, MIN_MAX or IDENTITY, got {mode!r}")
+
+    def to_lerobot_dict(self) -> dict[str, Any]:
+        """config.json content: `type` first, then features, then the rest (LeRobot's order)."""
+        body = asdict(self)
+        head = {key: body.pop(key) for key in ("type", "n_obs_steps", "input_features", "output_features")}
+        head.update({"device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False,
+                     "repo_id": None, "private": None, "tags": None, "license": None})
+        return {**head, **body}
+
+    @property
+    def action_delta_indices(self) -> list[int]:
+        """Frame offsets of the action targets, relative to the observed frame."""
+        return list(range(self.chunk_size))
+
+
+def features_from_dataset(meta_features: dict[str, dict]) -> tuple[dict, dict]:
+    """LeRobot's `dataset_to_policy_features`: info.json features -> (inputs, outputs)."""
+    inputs: dict[str, FeatureSpec] = {}
+    outputs: dict[str, FeatureSpec] = {}
+    for key, ft in meta_features.items():
+        shape = list(ft["shape"])
+        if ft["dtype"] in ("image", "video"):
+            if shape[-1] in (1, 3, 4):  # stored (H, W, C); policies see (C, H, W)
+                shape = [shape[2], shape[0], shape[1]]
+            inputs[key] = {"type": "VISUAL", "shape": shape}
+        elif key == "observation.environment_state":
+            inputs[key] = {"type": "ENV", "shape": shape}
+        elif key.startswith("observation"):
+            inputs[key] = {"type": "STATE", "shape": shape}
+        elif key == "action":
+            outputs[key] = {"type": "ACTION", "shape": shape}
+    return inputs, outputs
+
+
+class Normalizer:
+    """Maps features to and from the normalized space with dataset stats.
+
+    Stats are plain tensors, not buffers, so they never appear in `state_dict()`; they are
+    saved in LeRobot's processor files instead.
+    """
+
+    def __init__(self, stats: dict[str, dict[str, torch.Tensor]], features: dict[str, FeatureSpec],
+                 mapping: dict[str, str]):
+        self.stats = stats
+        self.modes = {key: mapping.get(ft["type"], "IDENTITY") for key, ft in features.items()}
+        for key, mode in self.modes.items():
+            needed = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max")}.get(mode, ())
+            missing = [s for s in needed if s not in stats.get(key, {})]
+            if missing:
+                raise UserError(f"dataset stats lack {missing} for {key!r}; regenerate meta/stats.json for the dataset")
+
+    def _shape(self, key: str, value: torch.Tensor, stat: str) -> torch.Tensor:
+        return self.stats[key][stat].to(device=value.device, dtype=value.dtype)
+
+    def normalize(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        mode = self.modes.get(key, "IDENTITY")
+        if mode == "MEAN_STD":
+            return (value - self._shape(key, value, "mean")) / (self._shape(key, value, "std") + _EPS)
+        if mode == "MIN_MAX":
+            lo, hi = self._shape(key, value, "min"), self._shape(key, value, "max")
+            return 2 * (value - lo) / (hi - lo + _EPS) - 1
+        return value
+
+    def unnormalize(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        mode = self.modes.get(key, "IDENTITY")
+        if mode == "MEAN_STD":
+            return value * (self._shape(key, value, "std") + _EPS) + self._shape(key, value, "mean")
+        if mode == "MIN_MAX":
+            lo, hi = self._shape(key, value, "min"), self._shape(key, value, "max")
+            return (value + 1) / 2 * (hi - lo + _EPS) + lo
+        return value
+
+
+def stats_to_tensors(stats: dict[str, dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        key: {name: torch.as_tensor(np.asarray(v, dtype=np.float32)) for name, v in per.items()}
+        for key, per in stats.items()
+    }
+
+
+class Policy(nn.Module):
+    """Base class: subclasses set `name` and `config_class` and implement
+    `compute_loss(batch) -> (loss, metrics)` and `predict_chunk(batch) -> (B, chunk, A)`,
+    both on normalized tensors."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[PolicyConfig]]
+
+    def __init__(self, config: PolicyConfig, stats: dict[str, dict[str, torch.Tensor]]):
+        super().__init__()
+        if not config.input_features or not config.output_features:
+            raise UserError("policy input/output features are unset; build policies with robotrain.policies.make")
+        self.config = config
+        self.stats = stats
+        features = {**config.input_features, **config.output_features}
+        self.normalizer = Normalizer(stats, features, config.normalization_mapping)
+        self._queue: deque[torch.Tensor] = deque()
+
+    # -- training ---------------------------------------------------------------------
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.compute_loss(self._normalize(batch, with_targets=True))
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def predict_chunk(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _normalize(self, batch: dict[str, Any], with_targets: bool) -> dict[str, Any]:
+        keys = list(self.config.input_features) + (list(self.config.output_features) if with_targets else [])
+        out = dict(batch)
+        for key in keys:
+            out[key] = self.normalizer.normalize(key, batch[key])
+        return out
+
+    # -- acting -----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget queued actions (call at the start of every episode)."""
+        self._queue.clear()
+
+    @torch.no_grad()
+    def predict_action_chunk(self, observation: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Unnormalized action chunk (B, chunk_size, action_dim) for a batch of observations."""
+        chunk = self.predict_chunk(self._normalize(observation, with_targets=False))
+        return self.normalizer.unnormalize("action", chunk)
+
+    @torch.no_grad()
+    def select_action(self, observation: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next action (B, action_dim): predicts a chunk when the queue is empty and executes
+        its first `n_action_steps` actions one call at a time, like LeRobot."""
+        if not self._queue:
+            chunk = self.predict_action_chunk(observation)[:, : self.config.n_action_steps]
+            self._queue.extend(chunk.transpose(0, 1))
+        return self._queue.popleft()
+
+    # -- LeRobot pretrained_model/ folder -----------------------------------------------
+    def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.config.to_lerobot_dict(), indent=4))
+        tensors = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+        write_processor_files(directory, self.config, self.stats)
+
+
+def write_processor_files(directory: Path, config: PolicyConfig, stats: dict[str, dict[str, torch.Tensor]]) -> None:
+    """LeRobot's policy_{pre,post}processor.json and their stats files."""
+    flat = {f"{key}.{name}": t.float().reshape(-1) if t.dim() == 0 else t.float().contiguous()
+            for key, per in stats.items() for name, t in per.items()}
+    norm_config = {"eps": _EPS, "norm_map": dict(config.normalization_mapping)}
+    device_step = {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}
+    pre = {"name": "policy_preprocessor", "steps": [
+        {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+        {"registry_name": "to_batch_processor", "config": {}},
+        device_step,
+        {"registry_name": "normalizer_processor",
+         "config": {"eps": _EPS, "features": {**config.input_features, **config.output_features},
+                    "norm_map": norm_config["norm_map"]},
+         "state_file": _PREPROCESSOR_STATS},
+    ]}
+    post = {"name": "policy_postprocessor", "steps": [
+        {"registry_name": "unnormalizer_processor",
+         "config": {"eps": _EPS, "features": dict(config.output_features), "norm_map": norm_config["norm_map"]},
+         "state_file": _POSTPROCESSOR_STATS},
+        device_step,
+    ]}
+    (directory / "policy_preprocessor.json").write_text(json.dumps(pre, indent=2))
+    (directory / "policy_postprocessor.json").write_text(json.dumps(post, indent=2))
+    save_file(flat, str(directory / _PREPROCESSOR_STATS))
+    save_file(flat, str(directory / _POSTPROCESSOR_STATS))
+
+
+def read_processor_stats(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Stats from the normalizer step named in policy_preprocessor.json."""
+    pipeline = json.loads((Path(directory) / "policy_preprocessor.json").read_text())
+    files = [s["state_file"] for s in pipeline["steps"] if s.get("registry_name") == "normalizer_processor"]
+    if not files:
+        raise UserError(f"{directory}/policy_preprocessor.json has no normalizer_processor step")
+    stats: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(str(Path(directory) / files[0])).items():
+        key, stat = name.rsplit(".", 1)
+        stats.setdefault(key, {})[stat] = tensor
+    return stats

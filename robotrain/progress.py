@@ -1,0 +1,72 @@
+"""Progress a person watches and metrics a program reads.
+
+- `Progress`: a tqdm bar (step/total, it/s, loss, ETA) when stderr is a terminal; otherwise
+  one compact log line every `log_every` steps, so SLURM and HF Jobs logs are not flooded
+  with bar redraws.
+- `MetricsLog`: one JSON object per line in `<run_dir>/metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("robotrain")
+
+
+class Progress:
+    def __init__(self, total: int, start: int, log_every: int, enabled: bool = True):
+        self.total, self.log_every = total, log_every
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+        self.enabled = enabled
+
+    def update(self, step: int, metrics: dict[str, float] | None) -> None:
+        """Advance to `step`; `metrics` is given on the steps where fresh numbers exist."""
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            if metrics:
+                self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", refresh=False)
+        elif self.enabled and metrics:
+            eta = (self.total - step) / max(metrics["steps_per_s"], 1e-9)
+            log.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  data wait %.0f%%  eta %s",
+                step, self.total, metrics["loss"], metrics["lr"], metrics["steps_per_s"],
+                100 * metrics["data_wait_frac"], _duration(eta),
+            )
+
+    def write(self, message: str) -> None:
+        """A line that must not be torn by the bar."""
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        elif self.enabled:
+            log.info(message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class MetricsLog:
+    def __init__(self, path: Path | None):
+        self.file = open(path, "a", buffering=1) if path is not None else None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
