@@ -1,0 +1,93 @@
+"""Shared fixtures: an isolated environment for `python -m robotrain` subprocesses, and
+small run configurations that finish in seconds on a 2-core CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest_plugins = ["tests.hub_fixtures"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: A run of a few seconds: a small synthetic dataset, no simulator evaluation.
+TINY = [
+    "dataset.synthetic.num_episodes=20",
+    "batch_size=8",
+    "eval.enabled=false",
+    "log_every=5",
+    "scheduler.warmup_steps=5",
+]
+
+
+@dataclass
+class Cli:
+    """Runs `python -m robotrain` in a child process with an isolated cache and no network."""
+
+    env: dict[str, str]
+    cwd: Path
+
+    def run(self, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "robotrain", *args],
+            cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout, **kwargs,
+        )
+
+    def popen(self, *args: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "robotrain", *args],
+            cwd=self.cwd, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs,
+        )
+
+
+@pytest.fixture(scope="session")
+def robotrain_cache(tmp_path_factory) -> Path:
+    """One dataset cache per test session, shared by every run (generation happens once per spec)."""
+    return tmp_path_factory.mktemp("robotrain-cache")
+
+
+@pytest.fixture
+def cli(robotrain_cache, tmp_path) -> Cli:
+    env = dict(os.environ)
+    env.update({
+        "ROBOTRAIN_CACHE": str(robotrain_cache),
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "HYDRA_FULL_ERROR": "0",
+    })
+    return Cli(env=env, cwd=tmp_path)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def tree_digest(root: Path) -> str:
+    """A hash of every file's path and bytes under `root` (symlinks by target)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*")):
+        digest.update(str(path.relative_to(root)).encode())
+        if path.is_symlink():
+            digest.update(os.readlink(path).encode())
+        elif path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip()]
