@@ -224,6 +224,36 @@ class EvalConfig:
 
 
 @dataclass
+class HubConfig:
+    """Pushing the run to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`, never stored)."""
+
+    repo_id: Optional[str] = None
+    """Model repo `user/name` the run is pushed to; unset: nothing is pushed."""
+    push_checkpoints: bool = False
+    """Upload every saved checkpoint to `checkpoints/<step>/` (one commit, tagged with the step)."""
+    push_final: bool = True
+    """Upload the final model and a model card to the repo root (when repo_id is set)."""
+    private: bool = False
+    """Create the repo private (an existing repo keeps its visibility)."""
+    max_retries: int = 5
+    """Attempts per upload before it waits for the next checkpoint."""
+    drain_timeout_s: float = 600.0
+    """At exit, wait at most this long for uploads still in flight."""
+
+    def __post_init__(self) -> None:
+        _require(
+            self.repo_id is None or bool(_REPO_ID.match(self.repo_id)),
+            f"hub.repo_id must look like 'user/name', got {self.repo_id!r}",
+        )
+        _require(
+            not self.push_checkpoints or self.repo_id is not None,
+            "hub.push_checkpoints=true needs a repo: add hub.repo_id=<user/name>",
+        )
+        _require(self.max_retries >= 1, f"hub.max_retries must be >= 1, got {self.max_retries}")
+        _require(self.drain_timeout_s >= 0, f"hub.drain_timeout_s must be >= 0, got {self.drain_timeout_s}")
+
+
+@dataclass
 class ResumeConfig:
     """Continue a run from a checkpoint. `resume=<spec>` on the command line sets `resume.spec`."""
 
@@ -255,6 +285,8 @@ class TrainConfig:
     """Checkpoint cadence and retention."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation in the embedded simulator."""
+    hub: HubConfig = field(default_factory=HubConfig)
+    """Pushing checkpoints and the final model to the Hub."""
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     """Where to resume from, if anywhere."""
     seed: int = 0
