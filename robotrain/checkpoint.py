@@ -209,6 +209,19 @@ def read_json(path: Path) -> Any:
         raise UserError(f"{path} is corrupt (not JSON: {err}); delete that checkpoint folder or resume from another step") from None
 
 
+def load_model_weights(model: torch.nn.Module, pretrained_dir: Path) -> None:
+    """Load `model.safetensors` strictly; a mismatch is a one-line error, not a traceback."""
+    state = load_safetensors(Path(pretrained_dir) / "model.safetensors")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:300]
+        raise UserError(
+            f"the weights in {pretrained_dir} do not fit this policy ({detail}); "
+            "resume with the policy config the checkpoint was trained with"
+        ) from None
+
+
 def load_training_state(
     checkpoint_dir: Path,
     optimizer: torch.optim.Optimizer,

@@ -79,10 +79,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
     # Resume: weights, optimizer, schedule, RNG and the data position.
     step, position = 0, 0
     if resume is not None:
-        policy.load_state_dict(checkpoint.load_safetensors(
-            resume.checkpoint_dir / checkpoint.PRETRAINED / "model.safetensors"), strict=True)
+        checkpoint.load_model_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
         state = checkpoint.load_training_state(resume.checkpoint_dir, optimizer, scheduler)
-        sampler.load_state_dict(state["sampler_state"])  # refuses a changed dataset or sampler
+        if not cfg.resume.allow_changes:
+            sampler.load_state_dict(state["sampler_state"])  # refuses a changed dataset or sampler
         step, position = state["step"], state["sample_position"]
         log.info("resumed from %s at step %d (sample %d)", resume.checkpoint_dir, step, position)
     policy, optimizer = accelerator.prepare(policy, optimizer)

@@ -54,17 +54,26 @@ def robotrain_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("robotrain-cache")
 
 
-@pytest.fixture
-def cli(robotrain_cache, tmp_path) -> Cli:
+def make_cli(cache: Path, cwd: Path) -> Cli:
     env = dict(os.environ)
+    env.pop("HYDRA_FULL_ERROR", None)
     env.update({
-        "ROBOTRAIN_CACHE": str(robotrain_cache),
+        "ROBOTRAIN_CACHE": str(cache),
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
-        "HYDRA_FULL_ERROR": "0",
     })
-    return Cli(env=env, cwd=tmp_path)
+    return Cli(env=env, cwd=cwd)
+
+
+@pytest.fixture
+def cli(robotrain_cache, tmp_path) -> Cli:
+    return make_cli(robotrain_cache, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def module_cli(robotrain_cache, tmp_path_factory) -> Cli:
+    return make_cli(robotrain_cache, tmp_path_factory.mktemp("cli"))
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from robotrain.checkpoint import load_safetensors
+from robotrain.checkpoint import load_model_weights
 from robotrain.errors import UserError
 from robotrain.policies.base import (
     Policy,
@@ -78,6 +78,6 @@ def from_pretrained(directory: str | Path) -> Policy:
         raise UserError(f"{directory} is not a pretrained policy folder (no config.json)")
     config = load_config(directory)
     policy = policy_class(config.type)(config, read_processor_stats(directory))
-    policy.load_state_dict(load_safetensors(directory / "model.safetensors"), strict=True)
+    load_model_weights(policy, directory)
     return policy
 
