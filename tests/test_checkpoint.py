@@ -1,0 +1,195 @@
+"""Checkpoints: LeRobot's layout, file for file and key for key, and atomic saves that a
+kill -9 at any instant cannot break."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from robotrain import checkpoint
+from robotrain.errors import UserError
+from tests.conftest import TINY
+
+REFERENCE = Path(__file__).parent / "data" / "lerobot_act_checkpoint"
+RNG_KEYS = {"py_rng_state", "py_rng_version", "np_rng_state_values", "np_rng_state_index",
+            "np_rng_has_gauss", "np_rng_cached_gaussian", "torch_rng_state"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(module_cli, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("layout")
+    done = module_cli.run(*TINY, "steps=20", "checkpoint.every=10", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+def keys_and_metadata(path: Path) -> tuple[list[str], dict | None]:
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys()), f.metadata()
+
+
+def test_step_folders_and_last_symlink_follow_lerobot(run_dir):
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["000010", "000020", "last"]
+    assert os.readlink(checkpoints / "last") == "000020"  # relative
+
+
+def test_step_folder_name_pads_to_the_total_steps():
+    assert checkpoint.step_folder_name(5, 100) == "000005"
+    assert checkpoint.step_folder_name(5, 12_345_678) == "00000005"
+
+
+def test_pretrained_model_has_lerobots_files(run_dir):
+    folder = run_dir / "checkpoints" / "000020" / "pretrained_model"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([
+        "config.json", "model.safetensors", "train_config.json",
+        "policy_preprocessor.json", "policy_preprocessor_step_3_normalizer_processor.safetensors",
+        "policy_postprocessor.json", "policy_postprocessor_step_0_unnormalizer_processor.safetensors",
+    ])
+
+
+def test_config_json_starts_with_type_then_features(run_dir):
+    config = json.loads((run_dir / "checkpoints" / "000020" / "pretrained_model" / "config.json").read_text())
+    reference = json.loads((REFERENCE / "pretrained_model" / "config.json").read_text())
+    assert list(config)[:4] == list(reference)[:4] == ["type", "n_obs_steps", "input_features", "output_features"]
+    assert config["type"] == "mlp"
+    assert config["input_features"]["observation.state"] == {"type": "STATE", "shape": [4]}
+
+
+def test_model_safetensors_holds_only_the_state_dict(run_dir):
+    from robotrain import policies
+
+    folder = run_dir / "checkpoints" / "000020" / "pretrained_model"
+    keys, metadata = keys_and_metadata(folder / "model.safetensors")
+    policy = policies.from_pretrained(folder)
+    assert sorted(keys) == sorted(policy.state_dict())
+    assert metadata is None
+    assert not any(k.endswith((".mean", ".std")) for k in keys)  # stats live in the processor files
+
+
+def test_processor_files_match_lerobots_pipeline(run_dir):
+    folder = run_dir / "checkpoints" / "000020" / "pretrained_model"
+    for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
+        ours = json.loads((folder / name).read_text())
+        theirs = json.loads((REFERENCE / "pretrained_model" / name).read_text())
+        assert [s["registry_name"] for s in ours["steps"]] == [s["registry_name"] for s in theirs["steps"]]
+        assert [s.get("state_file") for s in ours["steps"]] == [s.get("state_file") for s in theirs["steps"]]
+    keys, _ = keys_and_metadata(folder / "policy_preprocessor_step_3_normalizer_processor.safetensors")
+    for feature in ("observation.state", "observation.image", "action", "timestamp", "index"):
+        for stat in ("mean", "std", "min", "max", "count", "q01", "q99"):
+            assert f"{feature}.{stat}" in keys
+
+
+def test_training_state_has_lerobots_files_and_keys(run_dir):
+    folder = run_dir / "checkpoints" / "000020" / "training_state"
+    assert {"training_step.json", "optimizer_state.safetensors", "optimizer_param_groups.json",
+            "scheduler_state.json", "rng_state.safetensors", "sampler_state.json"} == {p.name for p in folder.iterdir()}
+    keys, _ = keys_and_metadata(folder / "optimizer_state.safetensors")
+    assert keys and all(re.fullmatch(r"state/\d+/(exp_avg|exp_avg_sq|step)", k) for k in keys)
+    groups = json.loads((folder / "optimizer_param_groups.json").read_text())
+    reference_groups = json.loads((REFERENCE / "training_state" / "optimizer_param_groups.json").read_text())
+    assert set(reference_groups[0]) <= set(groups[0])  # plus initial_lr, which a scheduler adds
+    rng_keys, _ = keys_and_metadata(folder / "rng_state.safetensors")
+    assert set(rng_keys) == RNG_KEYS
+
+
+def test_training_step_records_what_an_elastic_resume_needs(run_dir):
+    info = json.loads((run_dir / "checkpoints" / "000020" / "training_state" / "training_step.json").read_text())
+    assert info == {"step": 20, "num_processes": 1, "batch_size": 8, "global_batch_size": 8, "sample_position": 160}
+    sampler = json.loads((run_dir / "checkpoints" / "000020" / "training_state" / "sampler_state.json").read_text())
+    assert sampler["seed"] == 0 and sampler["epoch"] * sampler["num_samples"] + sampler["position"] >= 0
+
+
+def test_latest_ignores_temporary_and_incomplete_folders(run_dir, tmp_path):
+    import shutil
+
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", checkpoints, symlinks=True)
+    (checkpoints / ".tmp-000030-123" / "training_state").mkdir(parents=True)
+    (checkpoints / "000040").mkdir()
+    assert checkpoint.latest(checkpoints).name == "000020"
+
+
+def test_prune_keeps_the_newest_and_the_protected(run_dir, tmp_path):
+    import shutil
+
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(run_dir / "checkpoints", checkpoints, symlinks=True)
+    shutil.copytree(checkpoints / "000020", checkpoints / "000030")
+    deleted = checkpoint.prune(checkpoints, keep_last=1, protect=frozenset({"000010"}))
+    assert [p.name for p in deleted] == ["000020"]
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["000010", "000030"]
+
+
+def test_corrupt_optimizer_state_is_refused_before_anything_is_restored(run_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "000020"
+    shutil.copytree(run_dir / "checkpoints" / "000020", folder)
+    (folder / "training_state" / "optimizer_state.safetensors").write_bytes(b"not safetensors")
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    rng_before = torch.get_rng_state()
+    with pytest.raises(UserError, match="corrupt"):
+        checkpoint.load_training_state(folder, optimizer, scheduler)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+SAVER = textwrap.dedent("""
+    import sys, torch
+    from pathlib import Path
+    from robotrain import checkpoint
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model(torch.randn(4, 512)).sum().backward(); optimizer.step()
+    def save_pretrained(folder):
+        save_file(model.state_dict(), str(Path(folder) / "model.safetensors"))
+    latest = checkpoint.latest(Path(sys.argv[1]))
+    step = int(latest.name) if latest else 0
+    while True:
+        step += 1
+        checkpoint.save(Path(sys.argv[1]), step=step, total_steps=10**6, save_pretrained=save_pretrained,
+                        optimizer=optimizer, scheduler=scheduler, train_config={"step": step},
+                        training_step={}, sampler_state={}, fsync=False)
+        print(step, flush=True)
+""")
+
+
+def _loads(folder: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    checkpoint.load_model_weights(model, folder / "pretrained_model")
+    checkpoint.load_training_state(folder, optimizer, scheduler)
+
+
+@pytest.mark.slow
+def test_kill_during_saving_always_leaves_a_loadable_latest(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    rng = random.Random(0)
+    for trial in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(checkpoints)], stdout=subprocess.PIPE, text=True)
+        first_saved = int(proc.stdout.readline())  # at least one save of this trial finished
+        time.sleep(rng.uniform(0, 0.3))  # a random instant, mostly inside a save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        latest = checkpoint.latest(checkpoints)
+        assert latest is not None and int(latest.name) >= first_saved, f"trial {trial}: lost a finished save"
+        _loads(latest)
+        assert json.loads((latest / "pretrained_model" / "train_config.json").read_text())["step"] == int(latest.name)
