@@ -187,6 +187,19 @@ def test_a_503_on_the_commit_is_retried_and_the_checkpoint_pushed(hub, hub_repo,
     assert "HTTP 503" in stderr and "attempt 2/3" in stderr
 
 
+def test_a_commit_that_landed_but_lost_its_answer_is_not_duplicated_and_gets_its_tag(hub, hub_repo, tmp_path):
+    folder = save_checkpoint(tmp_path, 10)
+    hub.fail_commits(n_th=1, status=503, times=1, phase="after")
+    seen, _ = run(hub, hub_repo, """
+        p = pusher()
+        p.submit(pathlib.Path(ARGS[0]), 10)
+        left = p.close(timeout=60)
+        out({"left": left, "commits": [c.commit_id for c in api.list_repo_commits(REPO)], "tags": tags()})
+    """, folder)
+    assert seen["left"] == [] and len(seen["commits"]) == 2
+    assert seen["tags"] == {"000010": seen["commits"][0]}
+
+
 def test_a_dropped_connection_is_retried(hub, hub_repo, tmp_path):
     folder = save_checkpoint(tmp_path, 10)
     hub.disconnect("commit", method="POST")
