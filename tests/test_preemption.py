@@ -1,0 +1,31 @@
+"""Preemption: SIGTERM or SIGUSR2 make a run save at the next step boundary and exit with 75."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import pytest
+
+from tests.conftest import TINY
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_signal_saves_at_the_next_step_and_exits_for_requeue(cli, tmp_path, sig):
+    run_dir = tmp_path / "run"
+    proc = cli.popen(*TINY, "steps=100000", "checkpoint.every=0", f"hydra.run.dir={run_dir}")
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.stat().st_size > 0):
+        assert proc.poll() is None and time.monotonic() < deadline, "training never started"
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+
+    assert proc.returncode == 75, stderr
+    saved = [p for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1
+    step = json.loads((saved[0] / "training_state" / "training_step.json").read_text())["step"]
+    assert 5 <= step < 100000
+    assert f"stopped by {sig.name} at step {step}" in stderr
