@@ -504,7 +504,7 @@ datasets:
 
 # {policy_type} policy for `{dataset_repo_id}`
 
-A `{policy_type}` policy trained with robotrain for {steps} steps on the LeRobot dataset
+This `{policy_type}` policy was trained with robotrain for {steps} steps on the LeRobot dataset
 `{dataset_repo_id}`. The repo root holds the final model in LeRobot's pretrained_model layout
 (config.json, {weights}, train_config.json and the normalization processor files).
 
@@ -522,13 +522,14 @@ policy.reset()
 action = policy.select_action(observation)  # observation: dict of batched tensors
 ```
 
-`hub.download_pretrained("{repo_id}", revision="000010")` loads the checkpoint of step 10 instead.
+`hub.download_pretrained("{repo_id}", revision="10")` loads the checkpoint of step 10 instead (a step, tag,
+branch or commit sha).
 
 ## Resume or extend training
 
 ```bash
 python -m robotrain resume=hub:{repo_id}            # from the latest checkpoint
-python -m robotrain resume=hub:{repo_id}@000010     # from step 10 (a step, tag, branch or commit)
+python -m robotrain resume=hub:{repo_id}@10         # from step 10 (or @<tag|branch|commit sha>)
 python -m robotrain resume=hub:{repo_id} steps=<more than {steps}>
 ```
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from robotrain import checkpoint
+from tests.hub_emulator import wait_until
 
 pytest_plugins = ["tests.hub_fixtures"]
 
@@ -143,7 +144,7 @@ def test_an_existing_repo_is_reused_not_recreated(hub, hub_repo):
         out({"private": info.private, "same_sha": info.sha == sha})
     """)
     assert seen == {"private": True, "same_sha": True}
-    assert [e["status"] for e in hub.log(kind="create_repo")] == [200, 409]
+    assert [e["status"] for e in hub.log(kind="create_repo", repo=hub_repo)] == [200, 409]
 
 
 # -- pushing checkpoints ------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def test_a_503_on_the_commit_is_retried_and_the_checkpoint_pushed(hub, hub_repo,
         out({"left": p.close(timeout=60), "tags": sorted(tags())})
     """, folder)
     assert seen == {"left": [], "tags": ["000010"]}
-    assert [e["status"] for e in hub.log(kind="commit")] == [503, 200]
+    assert [e["status"] for e in hub.log(kind="commit", repo=hub_repo)] == [503, 200]
     assert "HTTP 503" in stderr and "attempt 2/3" in stderr
 
 
@@ -222,7 +223,7 @@ def test_a_4xx_other_than_429_is_not_retried_and_the_checkpoint_stays_pending(hu
         out({"pending": sorted(p.pending()), "left": p.close(timeout=60), "tags": sorted(tags())})
     """, folder)
     assert seen == {"pending": ["000010"], "left": ["000010"], "tags": []}
-    assert [e["status"] for e in hub.log(kind="commit")] == [403]
+    assert [e["status"] for e in hub.log(kind="commit", repo=hub_repo)] == [403]
     assert "will not be retried" in stderr
 
 
@@ -287,6 +288,8 @@ def run_with_stalled_commit(hub, repo: str, folder: Path) -> tuple:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+        # The released commit completes after its client left: let it land before the next test looks.
+        wait_until(lambda: hub.log(kind="commit", repo=repo), 30, "the released commit to complete")
     assert proc.returncode == 0, stderr
     return json.loads(stdout.strip().splitlines()[-1]), stderr
 
