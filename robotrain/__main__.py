@@ -69,6 +69,10 @@ def _print_summary(cfg, result) -> None:
         parts = [f"step {s}: {m['eval/success_rate']:.2f}" for s, m in evals]
         lines.append(f"  eval success rate ({cfg.eval.episodes} episodes): " + ", ".join(parts))
     lines.append(f"  run dir:     {result.run_dir}")
+    if cfg.hub.repo_id and not result.not_pushed:
+        lines.append(f"  hub:         {cfg.hub.repo_id} (continue anywhere with resume=hub:{cfg.hub.repo_id})")
+    elif result.not_pushed:
+        lines.append(f"  not pushed:  {', '.join(result.not_pushed)} (see the log above to push them by hand)")
     if result.last_checkpoint is not None:
         lines.append(f"  checkpoint:  {result.last_checkpoint}")
         lines.append(f"  resume:      python -m robotrain hydra.run.dir={result.run_dir} resume=auto steps=<more>")

@@ -62,9 +62,12 @@ def locate(spec: str | None, run_dir: Path) -> ResumePoint | None:
     if spec == "auto":
         found = checkpoint.latest(run_dir / "checkpoints")
         return _point(found) if found else None
-    hub = parse_hub_spec(spec)
-    if hub is not None:
-        raise UserError("resume=hub:… is not available in this version; download the run and pass resume=<path>")
+    remote = parse_hub_spec(spec)
+    if remote is not None:
+        from robotrain import hub
+
+        # Only that checkpoint's files, into this run's own checkpoints/ folder.
+        return _point(hub.download_checkpoint(remote.repo_id, remote.revision, dest=run_dir))
     return _point(_local_checkpoint(Path(spec).expanduser()))
 
 

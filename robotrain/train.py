@@ -1,16 +1,17 @@
 """The training loop, top to bottom.
 
-    set up the process (accelerate) and seed every RNG
+    set up the process (accelerate), seed every RNG, check the Hub repo
     open the dataset (prepared once by the main process)
     build the policy, optimizer and schedule
     restore a checkpoint when resuming (weights, optimizer, schedule, RNG, data position)
-    loop: batch -> loss -> backward -> clip -> step -> log -> [eval] -> [checkpoint]
-    evaluate and report
+    loop: batch -> loss -> backward -> clip -> step -> log -> [eval] -> [checkpoint -> push]
+    evaluate, push the final model, wait (bounded) for uploads
 
 Each optimizer step consumes one global batch of consecutive sampler positions, so the
 data position after step `s` is `s * global_batch` and a resumed run continues the exact
 sequence of batches. SIGTERM/SIGUSR2 stop the loop at the next step boundary with a
-checkpoint (see `robotrain.preemption`).
+checkpoint (see `robotrain.preemption`). Checkpoint uploads run in the background
+(`robotrain.hub.CheckpointPusher`): the loop never waits for the network.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class RunResult:
     last_checkpoint: Path | None = None
     preempted_by: str | None = None
     evals: dict[int, dict[str, float]] = field(default_factory=dict)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    not_pushed: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -59,12 +62,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
     started = time.perf_counter()
     accelerator = Accelerator(step_scheduler_with_optimizer=False)
     seed_everything(cfg.seed)
+    pusher = _make_pusher(cfg) if accelerator.is_main_process else None  # bad repo/token: fail now
 
     # Data: the main process generates or checks the dataset once; the others wait, then read it.
     with accelerator.main_process_first():
         root = data.prepare(cfg.dataset)
-    fps_deltas = [i / _fps(root) for i in cfg.policy.action_delta_indices]
-    dataset = data.open_dataset(cfg.dataset, root, delta_timestamps={"action": fps_deltas})
+    dataset = data.open_dataset(cfg.dataset, root, delta_timestamps=_action_deltas(cfg, root))
     sampler = EpisodeAwareSampler(
         *dataset.episode_bounds, seed=cfg.seed, shuffle=cfg.sampler.shuffle,
         permutation=cfg.sampler.permutation, drop_n_first_frames=cfg.sampler.drop_n_first_frames,
@@ -75,115 +78,153 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
     policy = policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats)
     optimizer = make_optimizer(policy.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.steps)
-
-    # Resume: weights, optimizer, schedule, RNG and the data position.
-    step, position = 0, 0
-    if resume is not None:
-        checkpoint.load_model_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
-        state = checkpoint.load_training_state(resume.checkpoint_dir, optimizer, scheduler)
-        if not cfg.resume.allow_changes:
-            sampler.load_state_dict(state["sampler_state"])  # refuses a changed dataset or sampler
-        step, position = state["step"], state["sample_position"]
-        log.info("resumed from %s at step %d (sample %d)", resume.checkpoint_dir, step, position)
+    step, position = _restore(cfg, resume, policy, optimizer, scheduler, sampler) if resume else (0, 0)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    global_batch = cfg.batch_size * accelerator.num_processes
-    loader = DataLoader(
-        dataset,
-        batch_sampler=GlobalBatchSampler(
-            sampler, cfg.batch_size, num_processes=accelerator.num_processes,
-            rank=accelerator.process_index, start_position=position,
-        ),
-        num_workers=cfg.num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-        # An explicit generator keeps the loader from drawing on the global RNG.
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
 
+    global_batch = cfg.batch_size * accelerator.num_processes
+    loader = _loader(cfg, accelerator, dataset, sampler, position)
     result = RunResult(run_dir=run_dir, step=step)
-    main = accelerator.is_main_process
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
-    progress = Progress(cfg.steps, step, cfg.log_every, enabled=main)
-    evaluator = _Evaluator(cfg, dataset, accelerator, result, metrics_log, progress)
+    saver = _Saver(cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch)
+    metrics_log = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
+    progress = Progress(cfg.steps, step, cfg.log_every, enabled=accelerator.is_main_process)
+    evaluator = _Evaluator(cfg, accelerator, result, metrics_log, progress)
     if resume is None and cfg.eval.at_start:
         evaluator.run(policy, step, label="untrained")
 
-    batches = iter(loader)
-    window = _Window()
-    with PreemptionFlag() as preemption:
-        while step < cfg.steps:
-            t0 = time.perf_counter()
-            batch = next(batches)
-            t1 = time.perf_counter()
-            batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
-                     for k, v in batch.items()}
-            loss, _ = policy(batch)
-            accelerator.backward(loss)
-            grad_norm = (accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip_norm)
-                         if cfg.optim.grad_clip_norm > 0 else None)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            window.add(loss, grad_norm, t1 - t0, time.perf_counter() - t0)
+    try:
+        batches, window = iter(loader), _Window()
+        with PreemptionFlag() as preemption:
+            while step < cfg.steps:
+                t0 = time.perf_counter()
+                batch = next(batches)
+                t1 = time.perf_counter()
+                loss, grad_norm = _update(cfg, accelerator, policy, optimizer, scheduler, batch)
+                step += 1
+                window.add(loss, grad_norm, t1 - t0, time.perf_counter() - t0)
 
-            metrics = None
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                metrics = window.flush(scheduler.get_last_lr()[0], global_batch)
-                metrics_log.write(step, metrics)
-            progress.update(step, metrics)
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-                evaluator.run(policy, step)
-            if _checkpoint_due(cfg, step) or preemption.requested:
-                result.last_checkpoint = _save(cfg, run_dir, step, global_batch, accelerator,
-                                               policy, optimizer, scheduler, sampler)
-            if preemption.requested:
-                result.preempted_by = preemption.signal_name
-                break
-    result.step = step
-
-    if result.preempted_by is None:
-        evaluator.run(policy, step, label="trained")
-    progress.close()
-    metrics_log.close()
+                metrics = None
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    metrics = result.last_metrics = window.flush(scheduler.get_last_lr()[0], global_batch)
+                    metrics_log.write(step, metrics)
+                progress.update(step, metrics)
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+                    evaluator.run(policy, step)
+                if _checkpoint_due(cfg, step) or preemption.requested:
+                    result.last_checkpoint = saver.save(policy, step)
+                if preemption.requested:
+                    result.preempted_by = preemption.signal_name
+                    break
+        result.step = step
+        if result.preempted_by is None:
+            evaluator.run(policy, step, label="trained")
+            saver.push_final(result)
+    finally:
+        progress.close()
+        metrics_log.close()
+        result.not_pushed = saver.close()
     result.seconds = time.perf_counter() - started
     return result
 
 
-def _fps(root: Path) -> int:
+def _make_pusher(cfg: TrainConfig):
+    if cfg.hub.repo_id is None:
+        return None
+    from robotrain import hub
+
+    return hub.CheckpointPusher.from_config(cfg.hub)
+
+
+def _action_deltas(cfg: TrainConfig, root: Path) -> dict[str, list[float]]:
     from robotrain.data.lerobot_format import load_meta
 
-    return load_meta(root).fps
+    fps = load_meta(root).fps
+    return {"action": [i / fps for i in cfg.policy.action_delta_indices]}
+
+
+def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, sampler, position: int) -> DataLoader:
+    """This rank's share of each global batch, starting at global sample `position`."""
+    return DataLoader(
+        dataset,
+        batch_sampler=GlobalBatchSampler(sampler, cfg.batch_size, num_processes=accelerator.num_processes,
+                                         rank=accelerator.process_index, start_position=position),
+        num_workers=cfg.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the loader off the global RNG
+    )
+
+
+def _update(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, scheduler, batch: dict):
+    """One optimizer step on one batch; returns (loss, grad norm or None) as tensors."""
+    batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    loss, _ = policy(batch)
+    accelerator.backward(loss)
+    grad_norm = None
+    if cfg.optim.grad_clip_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def _restore(cfg, resume: ResumePoint, policy, optimizer, scheduler, sampler) -> tuple[int, int]:
+    """Load a checkpoint into the live objects; returns (step, global sample position)."""
+    checkpoint.load_model_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
+    state = checkpoint.load_training_state(resume.checkpoint_dir, optimizer, scheduler)
+    if not cfg.resume.allow_changes:
+        sampler.load_state_dict(state["sampler_state"])  # refuses a changed dataset or sampler
+    log.info("resumed from %s at step %d (sample %d)", resume.checkpoint_dir, state["step"], state["sample_position"])
+    return state["step"], state["sample_position"]
 
 
 def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:
     return step == cfg.steps or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
 
 
-def _save(cfg, run_dir, step, global_batch, accelerator, policy, optimizer, scheduler, sampler) -> Path | None:
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return None
-    position = step * global_batch
-    sampler.seek(position)
-    folder = checkpoint.save(
-        run_dir / "checkpoints",
-        step=step,
-        total_steps=cfg.steps,
-        save_pretrained=accelerator.unwrap_model(policy).save_pretrained,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_config=to_dict(cfg),
-        training_step={
-            "num_processes": accelerator.num_processes,
-            "batch_size": cfg.batch_size,
-            "global_batch_size": global_batch,
-            "sample_position": position,
-        },
-        sampler_state=sampler.state_dict(),
-        fsync=cfg.checkpoint.fsync,
-    )
-    checkpoint.prune(run_dir / "checkpoints", cfg.checkpoint.keep_last)
-    return folder
+class _Saver:
+    """Checkpoints on the main process: save atomically, queue the upload, prune what is
+    both old and already pushed."""
+
+    def __init__(self, cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch):
+        self.cfg, self.checkpoints = cfg, run_dir / "checkpoints"
+        self.accelerator, self.optimizer, self.scheduler, self.sampler = accelerator, optimizer, scheduler, sampler
+        self.pusher, self.global_batch = pusher, global_batch
+        self.last: Path | None = None
+
+    def save(self, policy, step: int) -> Path | None:
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return None
+        position = step * self.global_batch
+        self.sampler.seek(position)
+        self.last = checkpoint.save(
+            self.checkpoints, step=step, total_steps=self.cfg.steps,
+            save_pretrained=self.accelerator.unwrap_model(policy).save_pretrained,
+            optimizer=self.optimizer, scheduler=self.scheduler, train_config=to_dict(self.cfg),
+            training_step={"num_processes": self.accelerator.num_processes, "batch_size": self.cfg.batch_size,
+                           "global_batch_size": self.global_batch, "sample_position": position},
+            sampler_state=self.sampler.state_dict(), fsync=self.cfg.checkpoint.fsync,
+        )
+        protect: frozenset[str] = frozenset()
+        if self.pusher is not None and self.cfg.hub.push_checkpoints:
+            self.pusher.submit(self.last, step)
+            protect = frozenset(self.pusher.pending())
+        checkpoint.prune(self.checkpoints, self.cfg.checkpoint.keep_last, protect=protect)
+        return self.last
+
+    def push_final(self, result: RunResult) -> None:
+        if self.pusher is None or not self.cfg.hub.push_final or self.last is None:
+            return
+        from robotrain import hub
+
+        metrics = {**result.last_metrics, **result.evals.get(result.step, {})}
+        card = hub.model_card(self.cfg.hub.repo_id, policy_type=self.cfg.policy.type,
+                              dataset_repo_id=self.cfg.dataset.repo_id, steps=result.step, metrics=metrics)
+        self.pusher.push_final(self.last / checkpoint.PRETRAINED, card, step=result.step)
+
+    def close(self) -> list[str]:
+        """Wait (bounded) for uploads in flight; returns what was not pushed."""
+        return self.pusher.close(self.cfg.hub.drain_timeout_s) if self.pusher is not None else []
 
 
 class _Window:
@@ -221,11 +262,10 @@ class _Window:
 class _Evaluator:
     """Runs simulator rollouts when the dataset is the embedded task (main process only)."""
 
-    def __init__(self, cfg: TrainConfig, dataset, accelerator, result: RunResult, metrics_log, progress):
+    def __init__(self, cfg: TrainConfig, accelerator, result: RunResult, metrics_log, progress):
         self.cfg, self.accelerator, self.result = cfg, accelerator, result
         self.metrics_log, self.progress = metrics_log, progress
         self.enabled = cfg.eval.enabled and cfg.dataset.is_synthetic
-        self.image_size = cfg.dataset.synthetic.image_size
 
     def run(self, policy, step: int, label: str = "") -> None:
         if not self.enabled or not self.accelerator.is_main_process:
@@ -234,11 +274,11 @@ class _Evaluator:
 
         outcome = evaluate(
             self.accelerator.unwrap_model(policy), episodes=self.cfg.eval.episodes,
-            max_steps=self.cfg.eval.max_steps, seed=self.cfg.eval.seed, image_size=self.image_size,
+            max_steps=self.cfg.eval.max_steps, seed=self.cfg.eval.seed,
+            image_size=self.cfg.dataset.synthetic.image_size,
         )
-        metrics = outcome.as_metrics()
-        self.result.evals[step] = metrics
-        self.metrics_log.write(step, metrics)
+        self.result.evals[step] = outcome.as_metrics()
+        self.metrics_log.write(step, outcome.as_metrics())
         name = f" ({label})" if label else ""
         self.progress.write(
             f"eval at step {step}{name}: success rate {outcome.success_rate:.2f} over {outcome.episodes} episodes"

@@ -51,7 +51,33 @@ def make(config: PolicyConfig, meta_features: dict[str, dict], stats: dict[str, 
         output_features=config.output_features or outputs,
     )
     _check_features_in_dataset(config, meta_features)
-    return policy_class(config.type)(config, stats_to_tensors(stats))
+    policy = policy_class(config.type)(config, stats_to_tensors(stats))
+    if config.pretrained_path:
+        load_model_weights(policy, resolve_pretrained(config.pretrained_path, config.pretrained_revision))
+    return policy
+
+
+def resolve_pretrained(path: str, revision: str | None = None) -> Path:
+    """A local pretrained_model/ folder for `policy.pretrained_path`: a local folder (a
+    pretrained_model/ folder, a checkpoint, or a run dir: its latest checkpoint), or a Hub
+    repo id whose `revision` (step, tag, branch or sha) is downloaded."""
+    from robotrain import checkpoint
+
+    local = Path(path).expanduser()
+    if local.exists():
+        if (local / "config.json").is_file():
+            return local
+        if (local / checkpoint.PRETRAINED).is_dir():
+            return local / checkpoint.PRETRAINED
+        latest = checkpoint.latest(local / "checkpoints")
+        if latest is None:
+            raise UserError(f"policy.pretrained_path={path} holds no pretrained_model/ or checkpoints/")
+        return latest / checkpoint.PRETRAINED
+    if path.startswith(("/", ".", "~")):
+        raise UserError(f"policy.pretrained_path={path} does not exist")
+    from robotrain import hub
+
+    return hub.download_pretrained(path, revision)
 
 
 def _check_features_in_dataset(config: PolicyConfig, meta_features: dict[str, dict]) -> None:
