@@ -72,6 +72,8 @@ class DatasetConfig:
     """Train on these episode indices only; unset: all."""
     tolerance_s: float = 1e-4
     """Tolerance when matching `delta_timestamps` to frame times, in seconds."""
+    image_cache_mb: float = 2048
+    """Keep decoded camera frames in memory up to this size (per process); 0 decodes every read."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Generator settings for the embedded task."""
 
@@ -297,6 +299,8 @@ class TrainConfig:
     """Samples per optimizer step per process."""
     num_workers: int = 0
     """DataLoader worker processes; results do not depend on it."""
+    prefetch: int = 2
+    """Batches prepared ahead on a background thread when num_workers=0; 0 turns it off."""
     log_every: int = 100
     """Write a metrics line (and a log line when not on a terminal) every N steps."""
 
@@ -304,6 +308,7 @@ class TrainConfig:
         _require(self.steps > 0, f"steps must be > 0, got {self.steps}")
         _require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        _require(self.prefetch >= 0, f"prefetch must be >= 0, got {self.prefetch}")
         _require(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
         _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
 

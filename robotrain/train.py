@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader
 
 from robotrain import checkpoint, data, policies
 from robotrain.config import TrainConfig, to_dict
+from robotrain.data.loader import batches, make_loader
 from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
 from robotrain.optim import make_optimizer, make_scheduler
 from robotrain.preemption import PreemptionFlag
@@ -91,12 +91,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
     if resume is None and cfg.eval.at_start:
         evaluator.run(policy, step, label="untrained")
 
+    stream, window = batches(loader, cfg.prefetch), _Window()
     try:
-        batches, window = iter(loader), _Window()
         with PreemptionFlag() as preemption:
             while step < cfg.steps:
                 t0 = time.perf_counter()
-                batch = next(batches)
+                batch = next(stream)
                 t1 = time.perf_counter()
                 loss, grad_norm = _update(cfg, accelerator, policy, optimizer, scheduler, batch)
                 step += 1
@@ -119,6 +119,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
             evaluator.run(policy, step, label="trained")
             saver.push_final(result)
     finally:
+        if hasattr(stream, "close"):
+            stream.close()
         progress.close()
         metrics_log.close()
         result.not_pushed = saver.close()
@@ -141,15 +143,13 @@ def _action_deltas(cfg: TrainConfig, root: Path) -> dict[str, list[float]]:
     return {"action": [i / fps for i in cfg.policy.action_delta_indices]}
 
 
-def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, sampler, position: int) -> DataLoader:
+def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, sampler, position: int):
     """This rank's share of each global batch, starting at global sample `position`."""
-    return DataLoader(
+    return make_loader(
         dataset,
-        batch_sampler=GlobalBatchSampler(sampler, cfg.batch_size, num_processes=accelerator.num_processes,
-                                         rank=accelerator.process_index, start_position=position),
-        num_workers=cfg.num_workers,
-        pin_memory=accelerator.device.type == "cuda",
-        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the loader off the global RNG
+        GlobalBatchSampler(sampler, cfg.batch_size, num_processes=accelerator.num_processes,
+                           rank=accelerator.process_index, start_position=position),
+        num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda", seed=cfg.seed,
     )
 
 

@@ -481,3 +481,32 @@ def test_writer_refuses_video_features(tmp_path):
     features = {"cam": {"dtype": "video", "shape": [8, 8, 3], "names": ["height", "width", "channels"]}}
     with pytest.raises(UserError, match="dtype 'video'"):
         write_dataset(tmp_path / "ds", repo_id="a/b", fps=10, features=features, episodes=[])
+
+
+DELTAS = {"action": [-0.1, 0.0, 0.1, 0.2], "observation.image": [-0.1, 0.0]}
+
+
+@pytest.mark.parametrize("image_cache_mb", [2048, 0])
+def test_get_batch_equals_collated_items(image_cache_mb):
+    ds = LeRobotDataset(REFERENCE, delta_timestamps=DELTAS, image_cache_mb=image_cache_mb)
+    indices = [0, 19, 20, 149, 75, 19, -1]  # episode starts and ends, a repeat, a negative index
+    batch = ds.get_batch(indices)
+    expected = torch.utils.data.default_collate([ds[i] for i in indices])
+    assert list(batch) == list(expected)
+    for key, value in expected.items():
+        if torch.is_tensor(value):
+            assert batch[key].dtype == value.dtype and torch.equal(batch[key], value), key
+        else:
+            assert batch[key] == value, key
+
+
+def test_cached_images_equal_freshly_decoded_ones():
+    cached = LeRobotDataset(REFERENCE)
+    uncached = LeRobotDataset(REFERENCE, image_cache_mb=0)
+    for i in (3, 3, 77):  # the second read of 3 comes from the cache
+        assert torch.equal(cached[i]["observation.image"], uncached[i]["observation.image"])
+
+
+def test_get_batch_out_of_range_is_an_index_error(reference):
+    with pytest.raises(IndexError):
+        reference.get_batch([0, 150])

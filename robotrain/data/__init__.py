@@ -30,5 +30,6 @@ def open_dataset(cfg: DatasetConfig, root: Path, delta_timestamps: dict[str, lis
     from robotrain.data.lerobot_format import LeRobotDataset
 
     return LeRobotDataset(
-        root, cfg.repo_id, delta_timestamps=delta_timestamps, tolerance_s=cfg.tolerance_s, episodes=cfg.episodes
+        root, cfg.repo_id, delta_timestamps=delta_timestamps, tolerance_s=cfg.tolerance_s, episodes=cfg.episodes,
+        image_cache_mb=cfg.image_cache_mb,
     )

@@ -476,16 +476,52 @@ class _ImageColumn:
     def take(self, rows: np.ndarray) -> _ImageColumn:
         return _ImageColumn(self.offsets, self.data, self.row_chunk[rows], self.row_local[rows])
 
-    def decode(self, row: int) -> torch.Tensor:
-        """Frame `row` as (C, H, W), float32 in [0, 1] for 8-bit images (torchvision's ToTensor)."""
+    def pixels(self, row: int) -> np.ndarray:
+        """Frame `row` decoded, (H, W, C) as stored."""
         chunk, local = self.row_chunk[row], self.row_local[row]
         start, stop = self.offsets[chunk][local], self.offsets[chunk][local + 1]
         with Image.open(io.BytesIO(self.data[chunk][start:stop])) as img:
             pixels = np.array(img)
-        if pixels.ndim == 2:
-            pixels = pixels[:, :, None]
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-        return tensor.float().div(255) if tensor.dtype == torch.uint8 else tensor
+        return pixels[:, :, None] if pixels.ndim == 2 else pixels
+
+
+class _DecodedImages:
+    """Decoded frames of one image feature, kept after their first decode when they fit a
+    memory budget (decoding a PNG costs far more than a training step spends per sample).
+
+    The cache fills lazily, so opening a dataset stays instant; in forked DataLoader workers
+    each worker fills its own copy."""
+
+    def __init__(self, column: _ImageColumn, shape: Sequence[int], budget_bytes: int):
+        self.column = column
+        n = len(column.row_chunk)
+        self.cache: np.ndarray | None = None
+        if n * math.prod(shape) <= budget_bytes:
+            self.cache = np.empty((n, *shape), dtype=np.uint8)
+            self.cached = np.zeros(n, dtype=bool)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Frames at `rows` (any shape) as uint8 (*rows.shape, H, W, C)."""
+        flat = rows.reshape(-1)
+        if self.cache is None:
+            return np.stack([self.column.pixels(int(r)) for r in flat]).reshape(*rows.shape, *self._shape(flat))
+        for r in np.unique(flat[~self.cached[flat]]):
+            pixels = self.column.pixels(int(r))
+            if pixels.shape != self.cache.shape[1:] or pixels.dtype != np.uint8:
+                raise UserError(f"an image is {pixels.shape} {pixels.dtype}, not {self.cache.shape[1:]} uint8 "
+                                "as info.json says; fix the dataset's features")
+            self.cache[r] = pixels
+            self.cached[r] = True
+        return self.cache[rows]
+
+    def _shape(self, flat: np.ndarray) -> tuple[int, ...]:
+        return self.column.pixels(int(flat[0])).shape if len(flat) else (0,)
+
+
+def _to_chw_float(pixels: np.ndarray) -> torch.Tensor:
+    """(..., H, W, C) integer pixels -> (..., C, H, W) float32 in [0, 1] (torchvision's ToTensor)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).movedim(-1, -3).contiguous()
+    return tensor.float().div_(255) if tensor.dtype == torch.uint8 else tensor
 
 
 def _concat(pieces: list[np.ndarray], dtype: type) -> np.ndarray:
@@ -499,19 +535,33 @@ class _Frames:
     arrays: dict[str, np.ndarray]
     images: dict[str, _ImageColumn]
     row_start: dict[int, int]  # episode index -> row of its first frame
+    decoded: dict[str, _DecodedImages] = field(default_factory=dict)
+    first_row: np.ndarray | None = None  # row -> first row of its episode
+    end_row: np.ndarray | None = None  # row -> one past the last row of its episode
 
     def __len__(self) -> int:
         return len(self.arrays["index"])
 
     def get(self, key: str, rows: int | np.ndarray) -> Any:
-        if key in self.images:
-            if isinstance(rows, np.ndarray):
-                return torch.stack([self.images[key].decode(int(r)) for r in rows])
-            return self.images[key].decode(rows)
+        """Feature `key` at a row (one frame) or an array of rows (stacked along its shape)."""
+        if key in self.decoded:
+            return _to_chw_float(self.decoded[key].take(np.asarray(rows)))
         values = self.arrays[key][rows]
         if values.dtype == object:  # string features
             return values.tolist() if isinstance(rows, np.ndarray) else values
         return torch.from_numpy(np.array(values))  # copy: arrow-backed views are read-only
+
+    def index_episodes(self, meta: DatasetMeta, image_budget_bytes: int) -> None:
+        """Per-row episode bounds (for chunk queries) and the image caches."""
+        episodes, lengths = np.unique(self.arrays["episode_index"], return_counts=True)
+        first = np.array([self.row_start[int(e)] for e in episodes], dtype=np.int64)
+        order = np.argsort(first)
+        first, lengths = first[order], lengths[order]
+        self.first_row = np.repeat(first, lengths)
+        self.end_row = np.repeat(first + lengths, lengths)
+        for key, column in self.images.items():
+            self.decoded[key] = _DecodedImages(column, meta.features[key]["shape"], image_budget_bytes)
+            image_budget_bytes -= 0 if self.decoded[key].cache is None else self.decoded[key].cache.nbytes
 
 
 def _load_frames(meta: DatasetMeta, positions: np.ndarray) -> _Frames:
@@ -596,6 +646,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         delta_timestamps: dict[str, list[float]] | None = None,
         tolerance_s: float = 1e-4,
         episodes: list[int] | None = None,
+        image_cache_mb: float = 2048,
     ):
         super().__init__()
         self.meta = load_meta(root, repo_id)
@@ -606,8 +657,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.delta_indices = _delta_indices(delta_timestamps, self.meta, tolerance_s)
         self.episodes = None if episodes is None else sorted(set(int(e) for e in episodes))
         self._positions = self._episode_positions(self.episodes)
-        self._frames: _Frames | None = _load_frames(self.meta, self._positions)
-        self._num_frames = len(self._frames)
+        self.image_cache_mb = image_cache_mb
+        self._frames: _Frames | None = None
+        self._num_frames = len(self._data())
 
     def _episode_positions(self, episodes: list[int] | None) -> np.ndarray:
         if episodes is None:
@@ -651,8 +703,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
         return self._num_frames
 
     def _data(self) -> _Frames:
-        if self._frames is None:  # unpickled in a worker: decode the data files here, once
+        if self._frames is None:  # first use, or unpickled in a worker: read the data files here, once
             self._frames = _load_frames(self.meta, self._positions)
+            self._frames.index_episodes(self.meta, int(self.image_cache_mb * 2**20))
         return self._frames
 
     def __getstate__(self) -> dict[str, Any]:
@@ -660,31 +713,38 @@ class LeRobotDataset(torch.utils.data.Dataset):
         return {**self.__dict__, "_frames": None}
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        frames = self._data()
-        idx = int(idx)
-        if not -self._num_frames <= idx < self._num_frames:
-            raise IndexError(f"frame {idx} out of range for a dataset of {self._num_frames} frames")
-        idx %= self._num_frames
-        item = {k: None if k in self.delta_indices else frames.get(k, idx) for k in self.features}
-        if self.delta_indices:
-            item = self._add_deltas(frames, item, idx)
-        item["task"] = self.meta.tasks[int(frames.arrays["task_index"][idx])]
-        return item
+        """Frame `idx`, as LeRobot's `LeRobotDataset[idx]` returns it."""
+        return self._query(self._rows(np.asarray(int(idx))))
 
-    def _add_deltas(self, frames: _Frames, item: dict[str, Any], idx: int) -> dict[str, Any]:
-        """LeRobot's _get_query_indices: clamp into the episode, flag what fell outside."""
-        episode = int(frames.arrays["episode_index"][idx])
-        abs_idx = int(frames.arrays["index"][idx])
-        pos = self.meta.episode_position(episode)
-        start, end = int(self.meta.episode_from[pos]), int(self.meta.episode_to[pos])
-        rows, pads = {}, {}
-        for key, deltas in self.delta_indices.items():
-            target = abs_idx + deltas
-            pads[f"{key}_is_pad"] = torch.from_numpy((target < start) | (target >= end))
-            rows[key] = np.clip(target, start, end - 1) - start + frames.row_start[episode]
-        item = {**item, **pads}
-        for key, key_rows in rows.items():
-            item[key] = frames.get(key, key_rows)
+    def get_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Frames `indices` as one batch: what `default_collate([ds[i] for i in indices])`
+        returns, built with array indexing instead of per-frame Python."""
+        return self._query(self._rows(np.asarray(indices, dtype=np.int64)))
+
+    def _rows(self, idx: np.ndarray) -> np.ndarray:
+        if np.any((idx < -self._num_frames) | (idx >= self._num_frames)):
+            raise IndexError(f"frame {idx} out of range for a dataset of {self._num_frames} frames")
+        return idx % self._num_frames
+
+    def _query(self, rows: np.ndarray) -> dict[str, Any]:
+        """Features at `rows` (a 0-d array for one frame); `delta_timestamps` features are read at
+        `row + offset`, clamped into the row's episode, with `<key>_is_pad` marking the clamped
+        ones — LeRobot's _get_query_indices, in row space (an episode's rows are contiguous)."""
+        frames = self._data()
+        item: dict[str, Any] = {}
+        pads: dict[str, torch.Tensor] = {}
+        for key in self.features:
+            offsets = self.delta_indices.get(key)
+            if offsets is None:
+                item[key] = frames.get(key, rows)
+                continue
+            target = rows[..., None] + offsets
+            first, end = frames.first_row[rows][..., None], frames.end_row[rows][..., None]
+            pads[f"{key}_is_pad"] = torch.from_numpy((target < first) | (target >= end))
+            item[key] = frames.get(key, np.clip(target, first, end - 1))
+        item.update(pads)
+        task_index = frames.arrays["task_index"][rows]
+        item["task"] = self.meta.tasks[int(task_index)] if rows.ndim == 0 else [self.meta.tasks[int(t)] for t in task_index]
         return item
 
     def __repr__(self) -> str:
