@@ -1,6 +1,6 @@
 """Framework overhead of `robotrain.train.train` against a bare PyTorch loop, side by side.
 
-    python benchmarks/overhead.py [--repeats 8] [--steps 40] [--profile]
+    python benchmarks/overhead.py [--repeats 6] [--steps 40] [--profile]
 
 Both sides train the same policy class (`robotrain.policies.make`, MLP) on the same dataset
 (`LeRobotDataset` over the embedded reach task, same `delta_timestamps`) with the same batch
@@ -11,26 +11,33 @@ differ only in the code around the math:
   `robotrain.config.conf_dir()` with `checkpoint.every=0 eval.enabled=false`, passed to
   `robotrain.train.train(cfg, run_dir)` (Accelerator, EpisodeAwareSampler +
   GlobalBatchSampler, device moves, metric windows, progress, preemption flag, ...).
-- bare: `DataLoader(dataset, batch_size, sampler=RandomSampler)` and the plainest loop.
+- bare: a `DataLoader` over the same batched reads (`LeRobotDataset.get_batch`) with a
+  `BatchSampler(RandomSampler)`, and the plainest loop.
 
 Printed per num_workers (0 and 2):
-- `robotrain/bare`: median steady-state steps/s of robotrain over median of bare (target >= 0.98);
+- `robotrain/bare`: the median over rounds of (robotrain steps/s / bare steps/s), the two runs
+  of a round being adjacent in time (target >= 0.98); the detail line adds each side's median
+  steps/s, their ratio and every round's numbers;
 - data wait: time blocked in `next(loader)` over total step time, for each side (target <= 2 %).
 
 How the robotrain side is timed (the last step is always checkpointed, even with
 checkpoint.every=0): each metrics.jsonl line carries a wall-clock `time` stamp written when a
-log window closes, *before* that step's checkpoint is saved. Throughput is (steps between the
-first and the last log line) / (time between them): the whole loop body counts (logging,
-progress, sampler, accelerate wrappers), while set-up, the first window (worker start-up,
-first batches) and the final checkpoint save fall outside. The bare loop takes a
+log window closes, *before* that step's checkpoint is saved. The wall time between two
+consecutive lines is one window of `log_every` steps with everything the loop does in it
+(logging, progress, sampler, accelerate wrappers); set-up, the first window (worker start-up,
+first batches) and the final checkpoint save fall outside. A run's throughput is log_every /
+the median window time (robust to a window slowed by another tenant). The bare loop takes a
 `perf_counter` stamp at the same steps. Data wait of robotrain comes from the windows' own
-`data_wait_frac` and `steps_per_s` (sum of data seconds / sum of step seconds over the same
+`data_wait_frac` and `steps_per_s` (sum of data seconds / sum of step seconds over the timed
 windows); the bare loop times `next()` the same way.
 
 Model and batch: MLP hidden_dim=1024 (1.3 M parameters), batch 256. The forward+backward+AdamW
-step then costs ~30 ms on two CPU cores, so a per-step overhead of a few hundred microseconds
-(the scale of Python bookkeeping, an extra sync, a wrapper) is visible at the 1 % level, while the
-step is not dominated by fixed per-call costs as a tiny model's would be.
+step then costs ~32 ms on one CPU thread and reading a batch ~1 ms once images are cached, so a per-step framework
+cost of a few hundred microseconds (Python bookkeeping, an extra sync, a wrapper) shows at the
+~1 % level, while the step is not dominated by fixed per-call costs as a tiny model's would be.
+torch runs one intra-op thread on both sides by default (`--threads`): on a small shared machine
+a two-thread GEMM stalls whenever another tenant takes a core (we saw one configuration swing
+between 3 and 16 steps/s), while single-threaded steps vary by a few percent.
 """
 
 from __future__ import annotations
@@ -54,10 +61,10 @@ from _common import compose, fmt_list, interleaved, median, use_benchmark_cache 
 use_benchmark_cache()
 
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, RandomSampler  # noqa: E402
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler  # noqa: E402
 
 from robotrain import data, policies  # noqa: E402
-from robotrain.data.lerobot_format import LeRobotDataset  # noqa: E402
+from robotrain.data.lerobot_format import LeRobotDataset, load_meta  # noqa: E402
 from robotrain.train import train  # noqa: E402
 
 
@@ -85,20 +92,40 @@ def run_robotrain(cfg, scratch: Path) -> Measured:
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     windows = [m for m in lines if "steps_per_s" in m]
-    first, rest = windows[0], windows[1:]  # the first window holds the start-up: left out
-    steps = rest[-1]["step"] - first["step"]
-    total_s = sum((m["step"] - p["step"]) / m["steps_per_s"] for p, m in zip(windows, rest))
-    data_s = sum((m["step"] - p["step"]) / m["steps_per_s"] * m["data_wait_frac"] for p, m in zip(windows, rest))
-    return Measured(steps / (rest[-1]["time"] - first["time"]), data_s / total_s)
+    return _measured([m["step"] for m in windows], [m["time"] for m in windows],
+                     [m["data_wait_frac"] / m["steps_per_s"] for m in windows],
+                     [1 / m["steps_per_s"] for m in windows])
+
+
+def _measured(steps: list[int], stamps: list[float], data_s: list[float], busy_s: list[float]) -> Measured:
+    """Steady state from log windows: the first window (start-up) is left out; throughput is
+    one window's steps over the median window wall time, which shrugs off a window that
+    another tenant of the machine slowed down. `data_s`/`busy_s` are per-step means of a window.
+    (robotrain's stamps are rounded to 1 ms: +-0.15 % of a ~350 ms window, and unbiased.)"""
+    spans = [(b - a, t1 - t0) for a, b, t0, t1 in zip(steps, steps[1:], stamps, stamps[1:])]
+    per_step = median([seconds / n for n, seconds in spans])
+    weights = [n for n, _ in spans]
+    data = sum(w * d for w, d in zip(weights, data_s[1:]))
+    busy = sum(w * b for w, b in zip(weights, busy_s[1:]))
+    return Measured(1 / per_step, data / busy)
+
+
+class _BatchReads(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices):
+        return self.dataset.get_batch(indices)
 
 
 def run_bare(cfg) -> Measured:
     """The simplest loop doing the same math (no accelerate, no custom sampler, no logging)."""
     torch.manual_seed(cfg.seed)
     root = data.prepare(cfg.dataset)
+    fps = load_meta(root).fps
     dataset = LeRobotDataset(
         root, cfg.dataset.repo_id,
-        delta_timestamps={"action": [i / _fps(root) for i in cfg.policy.action_delta_indices]},
+        delta_timestamps={"action": [i / fps for i in cfg.policy.action_delta_indices]},
         tolerance_s=cfg.dataset.tolerance_s,
     )
     policy = policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats)
@@ -106,9 +133,11 @@ def run_bare(cfg) -> Measured:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                   weight_decay=o.weight_decay)
 
-    def lr_factor(step: int) -> float:  # linear warmup, then cosine to min_lr_ratio
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine to min_lr_ratio (or flat)
         if step < s.warmup_steps:
             return (step + 1) / (s.warmup_steps + 1)
+        if s.name == "constant":
+            return 1.0
         progress = min(1.0, (step - s.warmup_steps) / max(1, cfg.steps - s.warmup_steps))
         return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -117,10 +146,12 @@ def run_bare(cfg) -> Measured:
     # has no epoch restarts either: robotrain's batch sampler is infinite.
     sampler = RandomSampler(dataset, num_samples=cfg.steps * cfg.batch_size,
                             generator=torch.Generator().manual_seed(cfg.seed))
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler,
-                        num_workers=cfg.num_workers, drop_last=True)
+    # Same batch reads as robotrain (LeRobotDataset.get_batch), without its prefetch thread.
+    loader = DataLoader(_BatchReads(dataset), sampler=BatchSampler(sampler, cfg.batch_size, drop_last=True),
+                        batch_size=None, num_workers=cfg.num_workers)
 
-    stamps, data_s, total_s = {}, 0.0, 0.0
+    steps, stamps, data_s, busy_s = [], [], [], []
+    window_data, window_busy = 0.0, 0.0
     batches = iter(loader)
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
@@ -133,20 +164,15 @@ def run_bare(cfg) -> Measured:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
-        if step > cfg.log_every:  # same windows as robotrain's measurement
-            data_s += t1 - t0
-            total_s += t2 - t0
-        if step % cfg.log_every == 0:
-            stamps[step] = t2
+        window_data, window_busy = window_data + (t1 - t0), window_busy + (t2 - t0)
+        if step % cfg.log_every == 0:  # the same windows robotrain logs
+            steps.append(step)
+            stamps.append(t2)
+            data_s.append(window_data / cfg.log_every)
+            busy_s.append(window_busy / cfg.log_every)
+            window_data, window_busy = 0.0, 0.0
     del batches
-    first, last = min(stamps), max(stamps)
-    return Measured((last - first) / (stamps[last] - stamps[first]), data_s / total_s)
-
-
-def _fps(root: Path) -> int:
-    from robotrain.data.lerobot_format import load_meta
-
-    return load_meta(root).fps
+    return _measured(steps, stamps, data_s, busy_s)
 
 
 def profile(cfg, scratch: Path, top: int) -> None:
@@ -162,7 +188,7 @@ def profile(cfg, scratch: Path, top: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=8, help="interleaved runs per side")
+    parser.add_argument("--repeats", type=int, default=6, help="interleaved runs per side")
     parser.add_argument("--steps", type=int, default=40, help="steps per run (the first log window is warm-up)")
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--hidden-dim", type=int, default=1024)

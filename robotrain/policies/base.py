@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional
 
 import numpy as np
+import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -169,6 +170,7 @@ class Policy(nn.Module):
         features = {**config.input_features, **config.output_features}
         self.normalizer = Normalizer(stats, features, config.normalization_mapping)
         self._queue: deque[torch.Tensor] = deque()
+        self._stats_bytes: bytes | None = None
 
     # -- training ---------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -214,13 +216,20 @@ class Policy(nn.Module):
         (directory / "config.json").write_text(json.dumps(self.config.to_lerobot_dict(), indent=4))
         tensors = state_dict if state_dict is not None else self.state_dict()
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
-        write_processor_files(directory, self.config, self.stats)
+        if self._stats_bytes is None:  # stats never change during a run: serialize them once
+            self._stats_bytes = stats_file_bytes(self.stats)
+        write_processor_files(directory, self.config, self._stats_bytes)
 
 
-def write_processor_files(directory: Path, config: PolicyConfig, stats: dict[str, dict[str, torch.Tensor]]) -> None:
-    """LeRobot's policy_{pre,post}processor.json and their stats files."""
+def stats_file_bytes(stats: dict[str, dict[str, torch.Tensor]]) -> bytes:
+    """The normalizer's safetensors file: `<feature>.<stat>` tensors, float32."""
     flat = {f"{key}.{name}": t.float().reshape(-1) if t.dim() == 0 else t.float().contiguous()
             for key, per in stats.items() for name, t in per.items()}
+    return safetensors.torch.save(flat)
+
+
+def write_processor_files(directory: Path, config: PolicyConfig, stats_bytes: bytes) -> None:
+    """LeRobot's policy_{pre,post}processor.json and their stats files (`stats_file_bytes`)."""
     norm_config = {"eps": _EPS, "norm_map": dict(config.normalization_mapping)}
     device_step = {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}
     pre = {"name": "policy_preprocessor", "steps": [
@@ -240,8 +249,8 @@ def write_processor_files(directory: Path, config: PolicyConfig, stats: dict[str
     ]}
     (directory / "policy_preprocessor.json").write_text(json.dumps(pre, indent=2))
     (directory / "policy_postprocessor.json").write_text(json.dumps(post, indent=2))
-    save_file(flat, str(directory / _PREPROCESSOR_STATS))
-    save_file(flat, str(directory / _POSTPROCESSOR_STATS))
+    (directory / _PREPROCESSOR_STATS).write_bytes(stats_bytes)
+    (directory / _POSTPROCESSOR_STATS).write_bytes(stats_bytes)
 
 
 def read_processor_stats(directory: Path) -> dict[str, dict[str, torch.Tensor]]:
