@@ -15,7 +15,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from robotrain import cli_errors
+from robotrain import cli_errors, dispatch
+from robotrain.dispatch import RemoteRun
 from robotrain.config import conf_dir, parse, register_configs
 from robotrain.errors import UserError
 from robotrain.preemption import EXIT_PREEMPTED
@@ -32,6 +33,8 @@ def _hydra_main(composed: DictConfig) -> float | None:
         result = run(composed)
     except UserError as err:
         cli_errors.fail(str(err))
+    if isinstance(result, RemoteRun):
+        return _finish_remote(result)
     if result.preempted_by:
         print(
             f"robotrain: stopped by {result.preempted_by} at step {result.step}; checkpoint {result.last_checkpoint}. "
@@ -39,12 +42,12 @@ def _hydra_main(composed: DictConfig) -> float | None:
             file=sys.stderr,
         )
         sys.exit(EXIT_PREEMPTED)
-    final = result.evals.get(result.step, {})
-    return final.get("eval/success_rate")
+    return result.return_value
 
 
 def run(composed: DictConfig):
-    """Resolve resume, validate, train; returns the `RunResult`."""
+    """Validate; then either dispatch the run (job.target slurm|hf) and return a `RemoteRun`,
+    or resolve resume and train here, returning the `RunResult`."""
     from hydra.core.hydra_config import HydraConfig
 
     from robotrain import resume
@@ -52,7 +55,9 @@ def run(composed: DictConfig):
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    parse(composed)  # validate what was typed before looking at any checkpoint
+    typed = parse(composed)  # validate what was typed before looking at any checkpoint
+    if typed.job.is_remote:  # the job resolves resume and downloads; nothing is fetched here
+        return dispatch.run_remote(typed.job, hydra_cfg.overrides.task, run_dir)
     point = resume.locate(composed.resume.spec, run_dir)
     if point is not None:
         composed = resume.merged_config(point, composed, hydra_cfg.overrides.task)
@@ -60,6 +65,17 @@ def run(composed: DictConfig):
     result = train(cfg, run_dir, point)
     _print_summary(cfg, result)
     return result
+
+
+def _finish_remote(remote: RemoteRun):
+    """A followed job that failed fails this command too; a detached one is a success."""
+    if remote.detached or remote.outcome is None:
+        return None
+    if not remote.outcome.ok:
+        print(f"robotrain: job {remote.handle.job_id} failed: {remote.outcome.error}", file=sys.stderr)
+        sys.exit(1)
+    print(f"robotrain: job {remote.handle.job_id} finished", flush=True)
+    return (remote.outcome.value or {}).get("return_value")
 
 
 def _print_summary(cfg, result) -> None:

@@ -171,19 +171,118 @@ class PeftConfig:
         _require(self.method == "none", f"peft.method {self.method!r} is not available yet; use peft=none")
 
 
+_TIMEOUT = re.compile(r"^(\d+(\.\d+)?)([smhd]?)$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TIMEOUT_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def timeout_seconds(value: str | int | float) -> float:
+    """`"90s"`, `"30m"`, `"2h"`, `"1d"` or a number of seconds -> seconds."""
+    match = _TIMEOUT.match(str(value).strip())
+    if not match or float(match.group(1)) <= 0:
+        raise UserError(f"job.timeout must look like 90s, 30m, 2h or 1d, got {value!r}")
+    return float(match.group(1)) * _TIMEOUT_UNITS[match.group(3)]
+
+
 @dataclass
 class JobConfig:
-    """Where the run executes."""
+    """Where the run executes: here, on a SLURM cluster (submitit) or on Hugging Face Jobs.
+
+    SLURM fields keep hydra-submitit-launcher's names (its SlurmQueueConf)."""
 
     target: str = "local"
-    """`local`: train in this process; other targets dispatch the run."""
+    """`local` trains in this process; `slurm` and `hf` submit the run and follow it."""
+    detach: bool = False
+    """Submit and return at once, printing the job ids (otherwise follow logs until the end)."""
+    timeout: Optional[str] = None
+    """Wall-clock limit, e.g. 90s, 30m, 2h, 1d (HF Jobs; on SLURM it sets timeout_min when that is unset)."""
+    tags: list[str] = field(default_factory=list)
+    """Labels on the job (HF Jobs labels; SLURM job comment)."""
+    secrets: list[str] = field(default_factory=list)
+    """NAMES of environment variables whose values are passed to the job as secrets (never the values)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Plain (non-secret) environment variables for the job."""
+    image: Optional[str] = None
+    """Docker image with robotrain installed (HF Jobs)."""
+    flavor: str = "cpu-basic"
+    """HF Jobs hardware flavor, e.g. cpu-basic, t4-small, a10g-small, a100-large."""
+    namespace: Optional[str] = None
+    """HF Jobs namespace (user or org); unset: the token's user."""
+    submitit_folder: Optional[str] = None
+    """Folder for submitit's job files and logs; unset: `<run or sweep dir>/.submitit/%j`."""
+    partition: Optional[str] = None
+    """SLURM partition."""
+    nodes: int = 1
+    """SLURM nodes per run."""
+    tasks_per_node: int = 1
+    """SLURM tasks (training processes) per node."""
+    gpus_per_node: Optional[int] = None
+    """SLURM GPUs per node."""
+    cpus_per_task: Optional[int] = None
+    """SLURM CPUs per task."""
+    mem_gb: Optional[int] = None
+    """SLURM memory per node, in GB."""
+    timeout_min: Optional[int] = None
+    """SLURM time limit in minutes (default: from job.timeout, else 60)."""
+    account: Optional[str] = None
+    """SLURM account."""
+    qos: Optional[str] = None
+    """SLURM quality of service."""
+    constraint: Optional[str] = None
+    """SLURM node constraint."""
+    array_parallelism: int = 256
+    """Most jobs of a sweep's array running at once."""
+    max_num_timeout: int = 3
+    """Requeues allowed after the time limit (preemptions requeue without limit)."""
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    """Extra sbatch options, e.g. {begin: now+60, mail-type: END}."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run in the sbatch script before the job (module load, conda activate...)."""
 
     def __post_init__(self) -> None:
-        _require(self.target == "local", f"job.target {self.target!r} is not available yet; use job=local")
+        _require(self.target in ("local", "slurm", "hf"), f"job.target must be local, slurm or hf, got {self.target!r}")
+        if self.timeout is not None:
+            timeout_seconds(self.timeout)
+        self._check_names()
+        _require(self.nodes >= 1 and self.tasks_per_node >= 1, "job.nodes and job.tasks_per_node must be >= 1")
+        _require(self.array_parallelism >= 1, f"job.array_parallelism must be >= 1, got {self.array_parallelism}")
+        _require(self.timeout_min is None or self.timeout_min > 0, f"job.timeout_min must be > 0, got {self.timeout_min}")
+        if self.target == "hf":
+            _require(bool(self.image), "job=hf needs an image with robotrain installed: add job.image=<docker image>")
+            misplaced = [name for name in _SLURM_FIELDS if getattr(self, name) != _JOB_DEFAULTS[name]]
+            _require(not misplaced, f"job.{misplaced[0] if misplaced else ''} is a SLURM setting and does nothing with "
+                     "job=hf; drop it (or use job=slurm)")
+        if self.target == "slurm":
+            _require(self.image is None, "job.image is an HF Jobs setting and does nothing with job=slurm; drop it "
+                     "(set up the environment with job.setup=[...])")
+
+    def _check_names(self) -> None:
+        for name in self.secrets:
+            _require("=" not in name and not name.startswith("hf_") and bool(_ENV_NAME.match(name)),
+                     "job.secrets lists NAMES of environment variables, never values: export the value, "
+                     "then pass e.g. job.secrets=[HF_TOKEN]")
+        for name in self.env:
+            _require(bool(_ENV_NAME.match(name)), f"job.env key {name!r} is not an environment variable name")
+        for name in self.env:
+            _require(name not in self.secrets, f"{name} is in both job.env and job.secrets; keep it in job.secrets only")
 
     @property
     def is_remote(self) -> bool:
         return self.target != "local"
+
+    @property
+    def slurm_timeout_min(self) -> int:
+        if self.timeout_min is not None:
+            return self.timeout_min
+        return max(1, int(timeout_seconds(self.timeout) // 60)) if self.timeout else 60
+
+
+_SLURM_FIELDS = ("partition", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
+                 "account", "qos", "constraint", "additional_parameters", "setup", "submitit_folder")
+
+
+_JOB_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                 for f in dataclasses.fields(JobConfig)}
 
 
 @dataclass

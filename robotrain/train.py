@@ -16,6 +16,7 @@ checkpoint (see `robotrain.preemption`). Checkpoint uploads run in the backgroun
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -50,6 +51,20 @@ class RunResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
     not_pushed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+
+    @property
+    def return_value(self) -> float | None:
+        """What a sweep optimizes: the final evaluation's success rate, if there was one."""
+        return self.evals.get(self.step, {}).get("eval/success_rate")
+
+    def summary(self) -> dict:
+        """`<run_dir>/result.json`: how the run ended, for scripts and remote launchers."""
+        return {
+            "step": self.step, "return_value": self.return_value, "preempted_by": self.preempted_by,
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "evals": {str(k): v for k, v in self.evals.items()}, "last_metrics": self.last_metrics,
+            "not_pushed": self.not_pushed, "seconds": round(self.seconds, 3),
+        }
 
 
 def seed_everything(seed: int) -> None:
@@ -125,6 +140,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
         metrics_log.close()
         result.not_pushed = saver.close()
     result.seconds = time.perf_counter() - started
+    if accelerator.is_main_process:
+        (run_dir / "result.json").write_text(json.dumps(result.summary(), indent=2))
     return result
 
 

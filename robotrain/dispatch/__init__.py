@@ -1,0 +1,195 @@
+"""Submit runs somewhere else: a SLURM cluster (`slurm.py`, via submitit) or Hugging Face
+Jobs (`hf_jobs.py`). Sweep points that stay local run in-process (`local.py`).
+
+Every remote run executes the same command a user would type, with the same task
+overrides plus `job.target=local`, so the job trains exactly what was asked here:
+
+    python -m robotrain <overrides> job.target=local hydra.run.dir=<its run dir> resume=auto
+
+`resume=auto` (unless the user gave a resume spec) makes a requeued job continue from its
+last checkpoint in its own, stable run dir. Nothing is downloaded on the submitting machine:
+a `resume=hub:…` spec travels in the overrides and the job downloads.
+
+Each backend's `submit(points, job)` returns one `Handle` per point: its id, a log follower,
+`wait()` and `cancel()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+from robotrain.config import JobConfig
+from robotrain.errors import UserError
+
+log = logging.getLogger("robotrain")
+
+
+@dataclass
+class Point:
+    """One run to submit: its task overrides and the run dir it owns."""
+
+    overrides: list[str]
+    run_dir: Path | None
+    """Absolute run dir (shared filesystem, SLURM); None lets the job pick its own (HF Jobs)."""
+    index: int = 0
+    name: str = "robotrain"
+
+    def argv(self, resume_auto: bool = False) -> list[str]:
+        """The job's command line after `python -m robotrain`."""
+        kept = [o for o in self.overrides if not _sets(o, "job.target") and not _sets(o, "hydra.run.dir")]
+        if resume_auto:
+            kept = [o for o in kept if not _sets(o, "resume.spec")]
+        args = [*kept, "job.target=local"]
+        if self.run_dir is not None:
+            args.append(f"hydra.run.dir={self.run_dir}")
+        if resume_auto or not any(_sets(o, "resume.spec") for o in kept):
+            args.append("resume.spec=auto")
+        return args
+
+
+def _sets(override: str, key: str) -> bool:
+    return override.lstrip("+~").split("=", 1)[0] == key
+
+
+@dataclass
+class Outcome:
+    """How a job ended: `ok`, and the run's result (`result.json`) or the error."""
+
+    ok: bool
+    value: Any = None
+    error: BaseException | None = None
+
+
+class Handle(Protocol):
+    job_id: str
+    point: Point
+
+    def follow(self) -> Iterator[str]:
+        """Log lines as the job writes them, until it ends."""
+
+    def wait(self) -> Outcome:
+        """Block until the job ends."""
+
+    def cancel(self) -> None:
+        ...
+
+    def hints(self) -> str:
+        """One line telling a person how to follow and cancel the job by hand."""
+
+
+def submit(points: Sequence[Point], job: JobConfig) -> list[Handle]:
+    if job.target == "slurm":
+        from robotrain.dispatch import slurm
+
+        return slurm.submit(points, job)
+    if job.target == "hf":
+        from robotrain.dispatch import hf_jobs
+
+        return hf_jobs.submit(points, job)
+    raise UserError(f"job.target={job.target} is not a remote target")
+
+
+@dataclass
+class RemoteRun:
+    """What a dispatched single run reports to the CLI."""
+
+    handle: Handle
+    outcome: Outcome | None = None
+    detached: bool = False
+    lines: list[str] = field(default_factory=list)
+
+
+def run_remote(job: JobConfig, overrides: Sequence[str], run_dir: Path) -> RemoteRun:
+    """Submit one run; follow its logs to the end, or return at once with `job.detach`.
+    Ctrl-C while following detaches: the job goes on, and how to reach it is printed."""
+    point = Point(list(overrides), run_dir.resolve() if job.target == "slurm" else None, name="robotrain")
+    (handle,) = submit([point], job)
+    print(f"robotrain: submitted {job.target} job {handle.job_id}", flush=True)
+    if job.detach:
+        print(f"  {handle.hints()}", flush=True)
+        return RemoteRun(handle, detached=True)
+    try:
+        for line in handle.follow():
+            print(line, flush=True)
+        return RemoteRun(handle, outcome=handle.wait())
+    except KeyboardInterrupt:
+        print(f"\nrobotrain: detached from job {handle.job_id}; it keeps running.\n  {handle.hints()}",
+              file=sys.stderr, flush=True)
+        return RemoteRun(handle, detached=True)
+
+
+# -- sweeps (called by the Hydra launcher plugin) ----------------------------------------
+
+
+def launch_sweep(hydra_context, task_function, config, job_overrides: Sequence[Sequence[str]],
+                 initial_job_idx: int) -> list:
+    """Run a Hydra sweep: local points in turn in-process, remote points submitted per target
+    at once (SLURM: one job array). Returns Hydra `JobReturn`s in the sweep's order."""
+    from hydra.core.utils import configure_log, setup_globals
+
+    from robotrain.dispatch import local
+
+    setup_globals()
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    planned = [_plan(hydra_context, config, list(o), initial_job_idx + i, sweep_dir) for i, o in enumerate(job_overrides)]
+    results: dict[int, Any] = {}
+    local_points = [(p.index, p.overrides) for p, job, _ in planned if not job.is_remote]
+    for ret, (idx, _) in zip(local.run_in_process(hydra_context, task_function, config, local_points), local_points):
+        results[idx] = ret
+    groups: dict[str, list] = {}
+    for entry in planned:
+        if entry[1].is_remote:
+            groups.setdefault(repr(entry[1]), []).append(entry)
+    for group in groups.values():
+        results.update(_run_group(group))
+    return [results[p.index] for p, _, _ in planned]
+
+
+def _plan(hydra_context, config, overrides: list[str], idx: int, sweep_dir: Path):
+    """(Point, its JobConfig, its composed config) for sweep point `idx`."""
+    from omegaconf import OmegaConf, open_dict
+
+    from robotrain.cli_errors import fail
+    from robotrain.config import _typed
+
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = idx
+        sweep_config.hydra.job.num = idx
+    try:
+        job = _typed(JobConfig, OmegaConf.to_container(sweep_config.job, resolve=True), where="job")
+    except UserError as err:
+        fail(f"sweep point #{idx} ({' '.join(overrides)}): {err}")
+    run_dir = sweep_dir / str(sweep_config.hydra.sweep.subdir) if job.target != "hf" else None
+    name = f"{sweep_config.hydra.job.name}_{idx}"
+    return Point(overrides, run_dir, index=idx, name=name), job, sweep_config
+
+
+def _run_group(group: list) -> dict[int, Any]:
+    """Submit one target's points together; wait for them unless job.detach."""
+    from hydra.core.utils import JobReturn, JobStatus
+
+    points, job = [p for p, _, _ in group], group[0][1]
+    handles = submit(points, job)
+    ids = ", ".join(h.job_id for h in handles)
+    print(f"robotrain: submitted {len(handles)} {job.target} job(s): {ids}", flush=True)
+    results = {}
+    for handle, (point, _, sweep_config) in zip(handles, group):
+        outcome = Outcome(ok=True, value={"job_id": handle.job_id}) if job.detach else handle.wait()
+        value = outcome.value.get("return_value") if outcome.ok and not job.detach else outcome.value
+        ret = JobReturn(overrides=point.overrides, cfg=sweep_config, hydra_cfg=None,
+                        working_dir=str(point.run_dir or handle.job_id), task_name=str(sweep_config.hydra.job.name),
+                        status=JobStatus.COMPLETED if outcome.ok else JobStatus.FAILED,
+                        _return_value=value if outcome.ok else outcome.error)
+        if not outcome.ok:
+            log.error("job %s (%s) failed: %s", handle.job_id, " ".join(point.overrides), outcome.error)
+        results[point.index] = ret
+    if job.detach and handles:
+        print(f"  {handles[0].hints()}", flush=True)
+    return results
