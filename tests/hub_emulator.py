@@ -25,21 +25,39 @@ Endpoints emulated (the ones huggingface_hub 2.4 calls), {type} being models|dat
   GET    (same)                                  ETag (git blob sha1), Content-Length, Accept-Ranges; GET serves the
                                                  bytes and honours one "Range: bytes=a-b"
   GET    /api/whoami-v2, POST /api/validate-yaml, GET /api/agent-harnesses: minimal answers
+Jobs (run_job, list_jobs, inspect_job, fetch_job_logs, cancel_job, wait_for_job), {ns} any namespace:
+  POST   /api/jobs/{ns}                          run_job: validates the spec (flavor, labels, names), answers the
+                                                 JobInfo with stage SCHEDULING, then runs the command locally
+  GET    /api/jobs/{ns}                          list_jobs, newest first; ?stage=S (repeatable), ?label=k=v (all)
+  GET    /api/jobs/{ns}/{id}                     inspect_job: JobInfo JSON, secrets by name only (value null)
+  GET    /api/jobs/{ns}/{id}/logs                fetch_job_logs: SSE "data: {"timestamp", "data"}" events, the
+                                                 first one "===== Job started at ... =====" (the client skips it);
+                                                 replays the output then follows it, and ends when the job has
+                                                 ended, its stage already final; ?tail=N starts N lines back
+  POST   /api/jobs/{ns}/{id}/cancel              cancel_job: SIGTERM, SIGKILL after the grace; no-op once final
+A job is a local process (see Jobs): SCHEDULING -> RUNNING -> COMPLETED (exit 0) | ERROR (exit != 0, killed by a
+signal, command not found, or timeoutSeconds reached: message "Job timed out after Ns") | CANCELED. A final stage
+is set only once the process has exited and its output is all read. Secret values live in memory until the process
+starts, then only in its environment: never in the request log, on disk, in JobInfo or in admin answers.
 Errors carry X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound), X-Error-Message and a JSON
 {"error": ...} body, so the client raises its typed errors.
 
 Admin endpoints (never logged): GET /_emulator/health; GET|POST|DELETE /_emulator/faults (list|add|clear rules);
 POST /_emulator/release (free stalled requests); POST /_emulator/reset (faults, stalls and log; {"data": true} also
-deletes every repo); GET /_emulator/log?since=SEQ; GET /_emulator/state (requests stalled right now).
+deletes every repo and job, killing running ones); GET /_emulator/log?since=SEQ; GET /_emulator/state (requests
+stalled right now); GET /_emulator/jobs (submitted specs, secret names only, stage, exit code); GET
+/_emulator/jobs/{id} (the same plus every output line); POST /_emulator/jobs/stop (SIGKILL every running job).
 A fault rule matches requests by kind (create_repo, delete_repo, settings, repo_info, tree, paths_info, refs,
-commits, preupload, commit, tag, branch, resolve, whoami, validate_yaml, other or "*"), optional method, repo and
-path regex; it fires on the n_th matching request and on `times` requests from there (None: all). Actions:
-fail (status, optional error_code), stall (seconds, or until released), disconnect (close without answering),
-truncate (GET bodies: send only `bytes` bytes then close). phase "before" acts before the request is processed;
-"after" processes it first, e.g. a commit that lands although the client sees a 503.
+commits, preupload, commit, tag, branch, resolve, whoami, validate_yaml, job_run, job_list, job_info, job_logs,
+job_cancel, other or "*"), optional method, repo and path regex; it fires on the n_th matching request and on
+`times` requests from there (None: all). Actions: fail (status, optional error_code), stall (seconds, or until
+released), disconnect (close without answering), truncate (GET bodies, job log streams too: send only `bytes`
+bytes then close). phase "before" acts before the request is processed; "after" processes it first, e.g. a
+commit that lands although the client sees a 503.
 
 Storage under --root: blobs/<oid[:2]>/<oid> (content-addressed by git blob sha1) and
-repos/<type>s/<ns>/<name>/{repo.json, commits/<sha>.json}; state survives a restart on the same root. Commit and
+repos/<type>s/<ns>/<name>/{repo.json, commits/<sha>.json}; repos survive a restart on the same root, jobs do not
+(they live in memory; jobs/<id>/ is each job's working folder, jobs/.bin the `python` shims). Commit and
 folder ids are real git object ids computed from the file list. A new repo gets an "initial commit" holding a
 .gitattributes file, as on the Hub, so list_repo_files is never empty.
 
@@ -51,7 +69,10 @@ Not emulated: LFS and Xet (preupload never answers "lfs"; an lfsFile commit line
 (create_pr -> 400) and refs/pr/*, .gitignore-driven shouldIgnore, token scopes and fine-grained permissions,
 organisations and membership, gated-access requests, pagination (one page holds everything), rate limits, the Hub's
 size limits on regular files, Spaces runtime, discussions, collections, listing/search (list_models...), repo moves,
-super-squash, file copies across repos.
+super-squash, file copies across repos. For jobs: docker images (only recorded), volumes, expose, ssh, network
+groups and retries (all a 400), scheduled jobs, rerun, label updates, metrics, hardware listing, queueing (SCHEDULING
+lasts until the runner thread starts the process), PID-1 signal semantics (the SIGTERM reaches the command even if
+it installs no handler), resource limits.
 """
 
 from __future__ import annotations
@@ -60,10 +81,13 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import re
+import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -73,7 +97,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
 API_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space", "kernels": "kernel"}
@@ -389,6 +413,320 @@ def parse_commit_payload(body: bytes) -> tuple[dict, list[tuple[str, str, Any]]]
     return header, ops
 
 
+# --------------------------------------------------------------------------------------------- jobs
+
+TERMINAL_STAGES = ("COMPLETED", "CANCELED", "ERROR", "DELETED")  # the JobStage values the client treats as final
+KILL_GRACE_S = 10.0  # SIGTERM -> SIGKILL delay on cancel and timeout, as with `docker stop`
+SSE_KEEPALIVE_S = 30.0  # the Jobs API sends ": keep-alive" every 30 s on a silent log stream
+JOB_LABEL_RE = re.compile(r"[A-Za-z0-9_-]{1,100}")  # the rule update_job_labels documents for keys and values
+ENV_NAME_RE = re.compile(r"[^=\0]+")
+# JobHardware of huggingface_hub 2.4: a typo in a flavor must fail here as it would on the Hub.
+JOB_FLAVORS = frozenset({
+    "cpu-basic", "cpu-upgrade", "cpu-performance", "cpu-xl", "t4-small", "t4-medium", "l4x1", "l4x4", "l40sx1",
+    "l40sx4", "l40sx8", "a10g-small", "a10g-large", "a10g-largex2", "a10g-largex4", "a100-large", "a100x4",
+    "a100x8", "h200", "h200x2", "h200x4", "h200x8", "rtx-pro-6000", "rtx-pro-6000x2", "rtx-pro-6000x4",
+    "rtx-pro-6000x8",
+})
+UNSUPPORTED_JOB_FIELDS = ("volumes", "expose", "ssh", "network")  # a 400, so a test cannot rely on them silently
+# Variables of the emulator's own environment that a job must not inherit: a real job starts in a clean
+# container, so the developer's token, cache and endpoint settings have no business there.
+HOST_ONLY_ENV_PREFIXES = ("HF_", "HUGGINGFACE_")
+
+
+@dataclass
+class Job:
+    id: str
+    namespace: str
+    spec: dict  # what was submitted, secret values excepted (see parse_job_spec)
+    secret_names: list[str]
+    created_at: float
+    workdir: Path
+    secrets: dict[str, str] = field(default_factory=dict, repr=False)  # values: in memory until the start only
+    stage: str = "SCHEDULING"
+    message: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    exit_code: int | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+    reaped: bool = False  # once True, the pid (and process group id) may belong to someone else: never signal it
+    ending: tuple[str, str] | None = None  # (stage, message) set by cancel or timeout, applied when it exits
+    lines: list[tuple[float, str]] = field(default_factory=list, repr=False)
+    cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.stage in TERMINAL_STAGES
+
+
+def parse_job_spec(data: dict) -> tuple[dict, dict[str, str]]:
+    """Check the client's job spec (see _create_job_spec in huggingface_hub); return (spec, secret values).
+
+    Error messages name secrets but never quote their values."""
+    command, arguments = data.get("command"), data.get("arguments") or []
+    if not isinstance(command, list) or not command or not all(isinstance(c, str) for c in command + arguments):
+        raise HubError(400, "A job needs a non-empty command: a list of strings")
+    if not (data.get("dockerImage") or data.get("spaceId")):
+        raise HubError(400, "A job needs a dockerImage or a spaceId")
+    if unsupported := [key for key in UNSUPPORTED_JOB_FIELDS if data.get(key)]:
+        raise HubError(400, f"Not emulated for jobs: {', '.join(unsupported)}")
+    if (data.get("attempts") or 1) > 1:
+        raise HubError(400, "Job retries (attempts > 1) are not emulated")
+    flavor = data.get("flavor") or "cpu-basic"
+    if flavor not in JOB_FLAVORS:
+        raise HubError(400, f"Invalid flavor: {flavor!r}")
+    labels = data.get("labels") or {}
+    if bad := [k for k, v in labels.items() if not JOB_LABEL_RE.fullmatch(k) or not JOB_LABEL_RE.fullmatch(str(v))]:
+        raise HubError(400, f"Invalid labels {bad}: keys and values need 1-100 alphanumerics, '-' or '_'")
+    env = {k: "" if v is None else str(v) for k, v in (data.get("environment") or {}).items()}
+    secrets = data.get("secrets") or {}
+    if bad := [k for k in [*env, *secrets] if not ENV_NAME_RE.fullmatch(k)]:
+        raise HubError(400, f"Invalid variable names: {bad}")
+    if unset := sorted(k for k, v in secrets.items() if v is None):
+        raise HubError(400, f"Secrets without a value: {unset}")
+    timeout = data.get("timeoutSeconds")
+    if timeout is not None and (not isinstance(timeout, int) or timeout <= 0):
+        raise HubError(400, "timeoutSeconds must be a positive integer")
+    spec = {"image": data.get("dockerImage"), "space_id": data.get("spaceId"), "command": command,
+            "arguments": arguments, "env": env, "flavor": flavor, "timeout": timeout, "labels": dict(labels),
+            "attempts": data.get("attempts"), "resource_group_id": data.get("resourceGroupId")}
+    return spec, {k: str(v) for k, v in secrets.items()}
+
+
+def sse_event(ts: float, line: str) -> bytes:
+    return b"data: " + json.dumps({"timestamp": iso(ts), "data": line}).encode() + b"\n\n"
+
+
+class Jobs:
+    """Jobs run as local processes, one runner thread each; their output is kept in memory, line by line.
+
+    The docker image is only recorded. The command runs in a fresh folder (root/jobs/<id>), in its own process
+    group, with the emulator's environment minus HF_* / HUGGINGFACE_* variables, plus HF_ENDPOINT (the
+    emulator, so the job's client talks to it like a real job talks to the Hub), HF_HOME in that folder,
+    HF_HUB_DISABLE_XET=1, then the job's environment and secrets. PATH starts with a folder holding `python` and
+    `python3` scripts that exec sys.executable, then sys.executable's own folder: `python -m robotrain` in a
+    job runs the emulator's interpreter with its packages (a symlink would lose a venv's site-packages).
+    """
+
+    def __init__(self, root: Path, user: str, kill_grace: float = KILL_GRACE_S):
+        self.root, self.user, self.kill_grace = root / "jobs", user, kill_grace
+        self.lock = threading.Lock()
+        self.jobs: dict[str, Job] = {}
+        self.bin = self._python_shims()
+
+    def _python_shims(self) -> Path:
+        folder = self.root / ".bin"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("python", "python3"):
+            (folder / name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+            (folder / name).chmod(0o755)
+        return folder
+
+    def child_env(self, job: Job, endpoint: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(HOST_ONLY_ENV_PREFIXES)}
+        path = [str(self.bin), os.path.dirname(sys.executable), env.get("PATH", os.defpath)]
+        no_proxy = ",".join(filter(None, [env.get("NO_PROXY") or env.get("no_proxy"), "127.0.0.1,localhost"]))
+        env.update({"PATH": os.pathsep.join(path), "NO_PROXY": no_proxy, "no_proxy": no_proxy,
+                    "HF_ENDPOINT": endpoint, "HF_HOME": str(job.workdir / ".cache" / "huggingface"),
+                    "HF_HUB_DISABLE_XET": "1"})
+        return {**env, **job.spec["env"], **job.secrets}
+
+    # ---- lifecycle
+
+    def submit(self, namespace: str, data: dict, endpoint: str) -> dict:
+        """Create the job and start it; returns its JobInfo JSON as first created (stage SCHEDULING)."""
+        spec, secrets = parse_job_spec(data)
+        job_id = uuid.uuid4().hex[:24]  # 24 hex digits, like the Hub's ids
+        workdir = self.root / job_id
+        workdir.mkdir(parents=True)
+        job = Job(job_id, namespace, spec, sorted(secrets), time.time(), workdir, secrets)
+        with self.lock:
+            self.jobs[job_id] = job
+        info = self.info(job)
+        threading.Thread(target=self._run, args=(job, self.child_env(job, endpoint)), name=f"job-{job_id}",
+                         daemon=True).start()
+        return info
+
+    def _run(self, job: Job, env: dict[str, str]) -> None:
+        argv = job.spec["command"] + job.spec["arguments"]
+        with job.cond:
+            job.secrets.clear()  # the child's env is the only place secret values go from here
+            if job.ending:  # canceled while scheduling
+                self._finish(job)
+                return
+            try:
+                job.process = subprocess.Popen(argv, cwd=job.workdir, env=env, stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                               start_new_session=True)  # its own group: cancel reaches its children
+            except OSError as err:
+                job.lines.append((time.time(), f"exec {argv[0]}: {err.strerror}"))
+                self._finish(job, ("ERROR", f"Failed to start the command {argv[0]!r}: {err.strerror}"))
+                return
+            finally:
+                env.clear()
+            job.stage, job.started_at = "RUNNING", time.time()
+            started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(job.started_at))
+            job.lines.append((job.started_at, f"===== Job started at {started} ====="))  # the client skips it
+            job.cond.notify_all()
+        self._supervise(job)
+
+    def _supervise(self, job: Job) -> None:
+        reader = threading.Thread(target=self._read, args=(job,), name=f"job-{job.id}-logs", daemon=True)
+        reader.start()
+        timer = None
+        if job.spec["timeout"]:
+            message = f"Job timed out after {job.spec['timeout']}s"
+            timer = threading.Timer(job.spec["timeout"], self.terminate, (job, "ERROR", message))
+            timer.daemon = True
+            timer.start()
+        # Wait without reaping, so that the process group id cannot be reused while we still signal it.
+        os.waitid(os.P_PID, job.process.pid, os.WEXITED | os.WNOWAIT)
+        if timer is not None:
+            timer.cancel()
+        with job.cond:
+            self._kill_group(job)  # like a container, the job ends with its first process: no stragglers
+            job.exit_code = job.process.wait()
+            job.reaped = True
+        reader.join()  # every line is in before the stage turns final: a log follower misses nothing
+        with job.cond:
+            self._finish(job)
+
+    def _read(self, job: Job) -> None:
+        with job.process.stdout as stream:
+            for raw in iter(stream.readline, b""):
+                with job.cond:
+                    job.lines.append((time.time(), raw.decode("utf-8", "replace").rstrip("\r\n")))
+                    job.cond.notify_all()
+
+    def _finish(self, job: Job, failure: tuple[str, str] | None = None) -> None:
+        """Set the final stage (caller holds job.cond): cancel/timeout first, then the exit code decides."""
+        code = job.exit_code
+        if failure or job.ending:
+            job.stage, job.message = failure or job.ending
+        elif code == 0:
+            job.stage, job.message = "COMPLETED", None
+        elif code is not None and code < 0:
+            job.stage, job.message = "ERROR", f"Job was killed by signal {signal.Signals(-code).name}"
+        else:
+            job.stage, job.message = "ERROR", f"Job failed with exit code {code}"
+        job.finished_at = time.time()
+        job.cond.notify_all()
+
+    def terminate(self, job: Job, stage: str, message: str) -> None:
+        """Stop a job as `docker stop` does: SIGTERM to its first process, SIGKILL to the group after the grace.
+
+        The stage turns `stage` only once the process has exited, so a final stage means the process is gone."""
+        with job.cond:
+            if job.done or job.ending:
+                return
+            job.ending = (stage, message)
+            if job.process is None or job.reaped:  # still scheduling: the runner never starts it
+                return
+            os.kill(job.process.pid, signal.SIGTERM)
+        timer = threading.Timer(self.kill_grace, self._kill_group_now, (job,))
+        timer.daemon = True
+        timer.start()
+
+    def _kill_group_now(self, job: Job) -> None:
+        with job.cond:
+            self._kill_group(job)
+
+    def _kill_group(self, job: Job) -> None:
+        if job.process is not None and not job.reaped:
+            try:
+                os.killpg(job.process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def stop_all(self, message: str) -> int:
+        """SIGKILL every running job at once (shutdown, reset, admin); returns how many were running."""
+        with self.lock:
+            jobs = list(self.jobs.values())
+        count = 0
+        for job in jobs:
+            with job.cond:
+                if not job.done:
+                    count += 1
+                    job.ending = job.ending or ("CANCELED", message)
+                    self._kill_group(job)
+        return count
+
+    def forget(self) -> None:
+        self.stop_all("Deleted by an emulator reset")
+        with self.lock:
+            self.jobs.clear()
+
+    # ---- views
+
+    def get(self, namespace: str, job_id: str) -> Job:
+        with self.lock:
+            job = self.jobs.get(job_id)
+        if job is None or job.namespace != namespace:
+            raise HubError(404, f"Job {namespace}/{job_id} not found")
+        return job
+
+    def select(self, namespace: str | None = None) -> list[Job]:
+        """Newest first, as `hf jobs ps` shows them."""
+        with self.lock:
+            jobs = [j for j in self.jobs.values() if namespace is None or j.namespace == namespace]
+        return sorted(jobs, key=lambda j: j.created_at, reverse=True)
+
+    def info(self, job: Job) -> dict:
+        """The JobInfo JSON: secrets by name only (a real job's secrets are never sent back either)."""
+        with job.cond:
+            spec, end = job.spec, job.finished_at or time.time()
+            mine = job.namespace == self.user  # whoami's id for the user; any other namespace is an org
+            owner = {"id": "0" * 24 if mine else hashlib.sha1(job.namespace.encode()).hexdigest()[:24],
+                     "name": job.namespace, "type": "user" if mine else "org"}
+            info = {
+                "id": job.id, "createdAt": iso(job.created_at), "command": list(spec["command"]),
+                "arguments": list(spec["arguments"]), "environment": dict(spec["env"]),
+                "secrets": dict.fromkeys(job.secret_names), "flavor": spec["flavor"], "labels": dict(spec["labels"]),
+                "timeout": spec["timeout"], "status": {"stage": job.stage, "message": job.message},
+                "owner": owner, "initiator": {"type": owner["type"], "id": owner["id"], "name": owner["name"]},
+                "durations": {"schedulingSecs": int(job.started_at - job.created_at) if job.started_at else None,
+                              "runningSecs": int(end - job.started_at) if job.started_at else None,
+                              "totalSecs": int(end - job.created_at)},
+            }
+            info.update({"dockerImage": spec["image"]} if spec["image"] else {"spaceId": spec["space_id"]})
+            if job.started_at:
+                info["startedAt"] = iso(job.started_at)
+            if job.finished_at:
+                info["finishedAt"] = iso(job.finished_at)
+            if spec["attempts"] is not None:
+                info["retry"] = spec["attempts"] - 1
+        return info
+
+    def admin_view(self, job: Job, logs: bool = False) -> dict:
+        """What was submitted (secret names only), how it went, and with `logs` every output line."""
+        with job.cond:
+            view = {"id": job.id, "namespace": job.namespace, **job.spec, "env": dict(job.spec["env"]),
+                    "secrets": list(job.secret_names), "stage": job.stage, "message": job.message,
+                    "exit_code": job.exit_code, "pid": job.process.pid if job.process else None,
+                    "workdir": str(job.workdir), "created_at": iso(job.created_at),
+                    "started_at": iso(job.started_at) if job.started_at else None,
+                    "finished_at": iso(job.finished_at) if job.finished_at else None}
+            if logs:
+                view["logs"] = [{"timestamp": iso(ts), "data": line} for ts, line in job.lines]
+        return view
+
+    def log_events(self, job: Job, tail: int | None) -> Iterator[bytes]:
+        """SSE events of the job's output ("data: {timestamp, data}"): the history, then each new line as it
+        comes, until the job ends; then the stream ends (the stage is already final by then)."""
+        with job.cond:
+            index = max(len(job.lines) - tail, 0) if tail is not None else 0
+        while True:
+            with job.cond:
+                job.cond.wait_for(lambda: len(job.lines) > index or job.done, timeout=SSE_KEEPALIVE_S)
+                batch, done = job.lines[index:], job.done
+            index += len(batch)
+            if batch:
+                yield b"".join(sse_event(ts, line) for ts, line in batch)
+            elif not done:
+                yield b": keep-alive\n\n"
+            if done:
+                return
+
+
 # --------------------------------------------------------------------------------------------- faults & log
 
 
@@ -516,6 +854,8 @@ class Req:
     rest: list[str] = field(default_factory=list)
     revision: str | None = None
     file: str | None = None
+    namespace: str | None = None
+    job_id: str | None = None
 
     def json(self) -> Any:
         try:
@@ -540,6 +880,7 @@ class Resp:
     file: Path | None = None
     start: int = 0
     length: int | None = None
+    stream: Iterator[bytes] | None = None  # an open-ended body, sent with chunked encoding (job logs)
 
     @property
     def size(self) -> int:
@@ -585,20 +926,36 @@ GLOBAL_ROUTES = {
     ("POST", "validate-yaml"): ("validate_yaml", "h_validate_yaml"),
     ("GET", "agent-harnesses"): ("other", "h_agent_harnesses"),
 }
+# (method, path after /api/jobs/{namespace}) -> (kind, handler name)
+JOB_ROUTES = {
+    ("POST", ""): ("job_run", "h_job_run"),
+    ("GET", ""): ("job_list", "h_job_list"),
+    ("GET", "{id}"): ("job_info", "h_job_info"),
+    ("GET", "{id}/logs"): ("job_logs", "h_job_logs"),
+    ("POST", "{id}/cancel"): ("job_cancel", "h_job_cancel"),
+}
 
 
 class HubApp:
     """Routing, auth and the Hub endpoints; transport-level details live in _Handler."""
 
-    def __init__(self, store: Store, *, token: str | None = None, user: str = "user", verbose: bool = False):
+    def __init__(self, store: Store, *, token: str | None = None, user: str = "user", verbose: bool = False,
+                 job_kill_grace: float = KILL_GRACE_S):
         self.store, self.token, self.user, self.verbose = store, token, user, verbose
         self.faults = Faults()
         self.log = RequestLog()
+        self.jobs = Jobs(store.root, user, job_kill_grace)
 
     # ---- routing and auth
 
     def route(self, req: Req) -> Callable[[Req], Resp] | None:
         s = req.segs
+        if s[:2] == ["api", "jobs"] and 3 <= len(s) <= 5:
+            req.namespace, req.job_id = s[2], s[3] if len(s) > 3 else None
+            if hit := JOB_ROUTES.get((req.method, "/".join(["{id}", *s[4:]]) if len(s) > 3 else "")):
+                req.kind = hit[0]
+                return getattr(self, hit[1])
+            return None
         if s[:1] == ["api"]:
             if hit := GLOBAL_ROUTES.get((req.method, "/".join(s[1:3]))):
                 req.kind = hit[0]
@@ -858,6 +1215,42 @@ class HubApp:
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         return resp
 
+    # ---- jobs
+
+    def _job(self, req: Req) -> Job:
+        if req.token is None:
+            raise HubError(401, "You must be authenticated to use Jobs")
+        return self.jobs.get(req.namespace, req.job_id)
+
+    def h_job_run(self, req: Req) -> Resp:
+        if req.token is None:
+            raise HubError(401, "You must be authenticated to run a job")
+        # The request body holds secret values: it is parsed here and never logged or stored.
+        return json_resp(self.jobs.submit(req.namespace, req.json(), req.base_url))
+
+    def h_job_list(self, req: Req) -> Resp:
+        if req.token is None:
+            raise HubError(401, "You must be authenticated to list jobs")
+        stages = set(req.query.get("stage", []))
+        labels = [item.partition("=") for item in req.query.get("label", [])]
+        jobs = [self.jobs.info(job) for job in self.jobs.select(req.namespace)]
+        return json_resp([info for info in jobs if (not stages or info["status"]["stage"] in stages)
+                          and all(info["labels"].get(key) == value for key, _, value in labels)])
+
+    def h_job_info(self, req: Req) -> Resp:
+        return json_resp(self.jobs.info(self._job(req)))
+
+    def h_job_logs(self, req: Req) -> Resp:
+        job = self._job(req)
+        tail = req.query.get("tail", [None])[-1]
+        events = self.jobs.log_events(job, int(tail) if tail not in (None, "") else None)
+        return Resp(200, {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}, stream=events)
+
+    def h_job_cancel(self, req: Req) -> Resp:
+        job = self._job(req)
+        self.jobs.terminate(job, "CANCELED", "Job canceled by the user")  # a finished job stays as it is
+        return json_resp(self.jobs.info(job))
+
     # ---- faults
 
     def before(self, rule: FaultRule | None, req: Req) -> Resp | None:
@@ -905,11 +1298,22 @@ class HubApp:
             self.faults.reset()
             self.log.clear()
             if req.json().get("data"):
+                self.jobs.forget()
                 self.store.wipe()
             return json_resp({})
         if op == ("GET", "log"):
             since = int(req.query.get("since", ["0"])[-1])
             return json_resp({"seq": self.log.seq, "entries": self.log.since(since)})
+        if op == ("GET", "jobs"):
+            return json_resp([self.jobs.admin_view(job) for job in self.jobs.select()])
+        if op[0] == "GET" and len(req.segs) == 3 and req.segs[1] == "jobs":
+            with self.jobs.lock:
+                job = self.jobs.jobs.get(req.segs[2])
+            if job is None:
+                raise HubError(404, f"Job {req.segs[2]} not found")
+            return json_resp(self.jobs.admin_view(job, logs=True))
+        if op == ("POST", "jobs/stop"):
+            return json_resp({"stopped": self.jobs.stop_all("Stopped by the emulator admin")})
         if op == ("GET", "state"):
             with self.faults.cond:
                 stalled = list(self.faults.stalled.values())
@@ -974,7 +1378,8 @@ class _Handler(BaseHTTPRequestHandler):
             app.log.add({
                 "method": req.method, "path": req.path, "query": {k: v[-1] for k, v in req.query.items()},
                 "kind": req.kind, "repo": req.repo_id, "repo_type": req.rtype, "revision": req.revision,
-                "file": req.file, "status": status, "bytes_sent": sent, "bytes_received": len(req.body),
+                "file": req.file, "job": req.job_id, "status": status, "bytes_sent": sent,
+                "bytes_received": len(req.body),
                 "fault": None if rule is None else {"id": rule.id, "action": rule.action},
                 "started": started, "duration": time.time() - started,
             })
@@ -988,6 +1393,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, resp: Resp, limit: int | None = None) -> int:
         """Send the answer; with `limit`, cut the body after that many bytes and drop the connection."""
+        if resp.stream is not None:
+            return self._send_stream(resp, limit)
         self.send_response(resp.status)
         for key, value in resp.headers.items():
             self.send_header(key, value)
@@ -1015,6 +1422,31 @@ class _Handler(BaseHTTPRequestHandler):
         return sent
 
 
+    def _send_stream(self, resp: Resp, limit: int | None) -> int:
+        """Send an open-ended body chunk by chunk as it is produced (chunked encoding, keep-alive intact)."""
+        self.send_response(resp.status)  # adds the Date header that a no-follow log reader stops at
+        for key, value in resp.headers.items():
+            self.send_header(key, value)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        sent = 0
+        try:
+            for chunk in resp.stream:
+                chunk = chunk if limit is None else chunk[: limit - sent]
+                if chunk:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    sent += len(chunk)
+                if limit is not None and sent >= limit:
+                    self._drop()
+                    return sent
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        finally:
+            resp.stream.close()  # a client gone mid-stream ends the generator too
+        return sent
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
@@ -1025,8 +1457,8 @@ class HubEmulator:
     """The emulator in this process: HubEmulator(root).start() -> .url; .stop() when done."""
 
     def __init__(self, root: str | Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 user: str = "user", verbose: bool = False):
-        self.app = HubApp(Store(root), token=token, user=user, verbose=verbose)
+                 user: str = "user", verbose: bool = False, job_kill_grace: float = KILL_GRACE_S):
+        self.app = HubApp(Store(root), token=token, user=user, verbose=verbose, job_kill_grace=job_kill_grace)
         self.server = _Server((host, port), _Handler)
         self.server.app = self.app
         self.url = f"http://{host}:{self.server.server_address[1]}"
@@ -1041,6 +1473,7 @@ class HubEmulator:
         self.server.serve_forever(poll_interval=0.1)  # how fast stop() is noticed
 
     def stop(self) -> None:
+        self.app.jobs.stop_all("Hub emulator stopped")  # no job process outlives the emulator
         self.app.faults.reset()  # stalled handler threads must finish for server_close to return
         self.server.shutdown()
         self.server.server_close()
@@ -1131,6 +1564,30 @@ class HubAdmin:
     def state(self) -> dict:
         return self._call("GET", "state")
 
+    # ---- jobs
+
+    def jobs(self) -> list[dict]:
+        """Every job, newest first: image, command, arguments, env, secrets (names), flavor, timeout (seconds),
+        labels, stage, message, exit_code (negative: killed by that signal), pid, workdir, timestamps."""
+        return self._call("GET", "jobs")
+
+    def job(self, job_id: str) -> dict:
+        """One job as in jobs(), plus "logs": every output line so far ({"timestamp", "data"})."""
+        return self._call("GET", f"jobs/{job_id}")
+
+    def job_lines(self, job_id: str) -> list[str]:
+        """The job's output lines so far, without the "===== Job started" line (as fetch_job_logs yields them)."""
+        return [e["data"] for e in self.job(job_id)["logs"] if not e["data"].startswith("===== Job started")]
+
+    def wait_for_job(self, job_id: str, stages: tuple[str, ...] = TERMINAL_STAGES, timeout: float = 60.0) -> dict:
+        """Poll until the job's stage is one of `stages` (by default any final one); returns job(job_id)."""
+        return wait_until(lambda: (j := self.job(job_id))["stage"] in stages and j, timeout,
+                          f"job {job_id} to reach {'/'.join(stages)}")
+
+    def stop_jobs(self) -> int:
+        """SIGKILL every running job now (they end CANCELED); returns how many were running."""
+        return self._call("POST", "jobs/stop", {})["stopped"]
+
     def wait_for_stalled(self, count: int = 1, timeout: float = 30.0) -> list[dict]:
         """Poll until at least `count` requests are stalled; returns them."""
         stalled: list[dict] = []
@@ -1167,9 +1624,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--token", default=None, help="if set, the only token accepted")
     parser.add_argument("--user", default="user", help="name of the single user every valid token maps to")
     parser.add_argument("--verbose", action="store_true", help="log each request on stderr")
+    parser.add_argument("--job-kill-grace", type=float, default=KILL_GRACE_S,
+                        help="seconds between SIGTERM and SIGKILL when a job is canceled or times out")
     args = parser.parse_args(argv)
     emulator = HubEmulator(args.root, host=args.host, port=args.port, token=args.token, user=args.user,
-                           verbose=args.verbose)
+                           verbose=args.verbose, job_kill_grace=args.job_kill_grace)
     # SIGTERM ends serve_forever cleanly; shutdown() must run on another thread than serve_forever.
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=emulator.stop, daemon=True).start())
     print(emulator.url, flush=True)

@@ -24,7 +24,7 @@ def test_help_lists_the_config_groups(cli):
     done = cli.run("--help")
     assert done.returncode == 0, done.stderr
     assert "== Configuration groups ==" in done.stdout
-    for group in ("policy: mlp", "sampler: episode_aware, feistel", "dataset: local, synthetic_reach", "job: local"):
+    for group in ("policy: mlp", "sampler: episode_aware, feistel", "dataset: local, synthetic_reach", "job: hf, local, slurm"):
         assert group in done.stdout
 
 
