@@ -75,6 +75,9 @@ def condense(text: str) -> str:
             group, option = missing.groups()
             return f"no option {option!r} in config group {group!r}; choose one of: {', '.join(options)}"
     match = re.search(r"Could not override '([^']+)'", text)
+    if match and "reference_type=Dict" in text:  # a new key inside a dict field (e.g. job.env)
+        key = match.group(1)
+        return f"{key} is a dict: add new keys one at a time with +{key}.<name>=<value>"
     if match and re.search(r"Key '[^']+' (is )?not in", text):
         return f"unknown config key {match.group(1)!r}; check its spelling (python -m robotrain --cfg job lists every key)"
     useful = [line.removeprefix("In 'config': ") for line in lines if not line.startswith(_NOISE)]

@@ -162,8 +162,9 @@ def _plan(hydra_context, config, overrides: list[str], idx: int, sweep_dir: Path
     with open_dict(sweep_config):
         sweep_config.hydra.job.id = idx
         sweep_config.hydra.job.num = idx
-    try:
-        job = _typed(JobConfig, OmegaConf.to_container(sweep_config.job, resolve=True), where="job")
+    try:  # an app without robotrain's `job` node (e.g. Hydra's launcher test suite) runs locally
+        job = _typed(JobConfig, OmegaConf.to_container(sweep_config.job, resolve=True), where="job") \
+            if "job" in sweep_config else JobConfig()
     except UserError as err:
         fail(f"sweep point #{idx} ({' '.join(overrides)}): {err}")
     run_dir = sweep_dir / str(sweep_config.hydra.sweep.subdir) if job.target != "hf" else None
