@@ -4,9 +4,10 @@ Load it with `pytest_plugins = ["tests.hub_fixtures"]`. Fixtures:
 
 - `hub` (session): a HubHandle on an emulator subprocess (tests/hub_emulator.py) listening on a free port,
   with a temporary storage root. It is a HubAdmin (fail_commits, stall_commits, release, reset, log,
-  downloads, mark, wait_for_stalled...) plus `.url`, `.env` (the variables that point huggingface_hub at
-  the emulator with a fake token and a throw-away HF_HOME), `.subprocess_env()`, `.run_python()`,
-  `.run_json()` and `.popen_python()` to run the real client in a child process.
+  downloads, mark, wait_for_stalled, jobs, job, job_lines, wait_for_job, stop_jobs...) plus `.url`,
+  `.log_path` (the emulator's stderr), `.env` (the variables that point huggingface_hub at the emulator
+  with a fake token and a throw-away HF_HOME), `.subprocess_env()`, `.run_python()`, `.run_json()` and
+  `.popen_python()` to run the real client in a child process.
 - `hub_repo` (function): a repo id such as "user/run-3", not created yet; faults, stalls and the request
   log are reset before and after the test.
 
@@ -73,9 +74,11 @@ def hub_env(url: str, hf_home: Path) -> dict[str, str]:
 class HubHandle(HubAdmin):
     """A running emulator: admin calls plus helpers to run client code against it."""
 
-    def __init__(self, url: str, root: Path, hf_home: Path, process: subprocess.Popen | None = None):
+    def __init__(self, url: str, root: Path, hf_home: Path, process: subprocess.Popen | None = None,
+                 log_path: Path | None = None):
         super().__init__(url)
         self.root, self.hf_home, self.process = root, hf_home, process
+        self.log_path = log_path  # the emulator process's stderr (tracebacks, --verbose request lines)
         self.token, self.user = FAKE_TOKEN, USER
         self.env = hub_env(url, hf_home)
 
@@ -159,7 +162,7 @@ def hub(tmp_path_factory: pytest.TempPathFactory):
     base = tmp_path_factory.mktemp("hub")
     process, url = start_emulator(base / "root", base / "emulator.log")
     try:
-        yield HubHandle(url, base / "root", base / "hf_home", process)
+        yield HubHandle(url, base / "root", base / "hf_home", process, base / "emulator.log")
     finally:
         stop_emulator(process)
 
