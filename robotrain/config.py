@@ -249,6 +249,11 @@ class JobConfig:
         _require(self.timeout_min is None or self.timeout_min > 0, f"job.timeout_min must be > 0, got {self.timeout_min}")
         if self.target == "hf":
             _require(bool(self.image), "job=hf needs an image with robotrain installed: add job.image=<docker image>")
+            from huggingface_hub import JobHardware
+
+            flavors = [f.value for f in JobHardware]
+            _require(self.flavor in flavors, f"job.flavor {self.flavor!r} is not an HF Jobs flavor; choose one of: "
+                     f"{', '.join(flavors)}")
             misplaced = [name for name in _SLURM_FIELDS if getattr(self, name) != _JOB_DEFAULTS[name]]
             _require(not misplaced, f"job.{misplaced[0] if misplaced else ''} is a SLURM setting and does nothing with "
                      "job=hf; drop it (or use job=slurm)")
