@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest_plugins = ["tests.hub_fixtures"]
+pytest_plugins = ["tests.hub_fixtures", "tests.slurm_fixtures"]
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
