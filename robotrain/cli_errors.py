@@ -67,6 +67,9 @@ def one_line_errors() -> Iterator[None]:
 def condense(text: str) -> str:
     """The gist of a Hydra composition error, on one line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    usage = re.search(r"^\S+: error: (.+)$", text, re.M)  # argparse, before Hydra sees anything
+    if text.startswith("usage:") and usage:
+        return f"{usage.group(1)} (flags such as -m go before the overrides; see --help)"
     if "Available options in" in text:
         start = next(i for i, line in enumerate(lines) if line.startswith("Available options in"))
         options = [line for line in lines[start + 1:] if not line.startswith(_NOISE) and ":" not in line]

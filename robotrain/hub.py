@@ -21,7 +21,16 @@ The latest checkpoint at a revision is the largest all-digit folder under `check
 compared as numbers, so a longer zero-padding after a resume with more steps still sorts right.
 
 Pushing (`CheckpointPusher`): a background thread uploads what `submit()` hands it, oldest step
-first; training never waits on the network except in `close()`, which waits a bounded time.
+first; training never waits on the network except in `close()`, which waits a bounded time. The
+commits themselves run in one upload child process (a fresh interpreter, never a fork: the trainer
+has threads and maybe CUDA; at nice 10; without torch), started at the first upload: building a
+commit holds the GIL for long stretches (hashing, base64 and JSON encoding of every file in
+huggingface_hub's regular-mode upload), which on the training process's thread would stall the
+training loop. The thread keeps the queue, the retries and the tags (small requests). The child
+inherits the environment (HF_ENDPOINT, HF_TOKEN, HF_HOME...), ignores Ctrl-C and preemption
+signals (the trainer decides when uploads stop) and exits when its pipe closes or the trainer is
+gone; one that dies counts as a retryable failure and a new one takes the next attempt. `close()`
+stops it, and kills it (upload in flight included) when its wait runs out.
 Failures on 5xx, 429, 408, timeouts and dropped connections are retried with exponential back-off
 (`max_retries` attempts). A checkpoint that still failed stays pending and is tried again when the
 next checkpoint is submitted (and once more at `close()`); if its local folder was deleted
@@ -40,10 +49,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+import weakref
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, Pipe
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 import httpx2  # huggingface_hub's HTTP library: its transport errors are what a dropped connection raises
 from huggingface_hub import (
@@ -197,7 +213,8 @@ _PUSHED, _LATER, _FAILED, _GONE = "pushed", "later", "failed", "gone"
 
 
 class CheckpointPusher:
-    """Uploads checkpoints (and the final model) on a background thread.
+    """Uploads checkpoints (and the final model) from a background thread, each commit made by an
+    upload child process (see "Pushing" in the module docstring).
 
     `submit()` and `push_final()` return at once; `pending()` names the step folders not pushed
     yet (queued, uploading, waiting to be retried, or refused); `close()` waits a bounded time
@@ -212,7 +229,8 @@ class CheckpointPusher:
             raise ValueError(f"max_retries must be >= 1, got {max_retries}")
         self.repo_id = repo_id
         self.max_retries, self.base_delay_s, self.max_delay_s = max_retries, base_delay_s, max_delay_s
-        self._api = HfApi()
+        self._api = HfApi()  # tags only: the commits go through self._uploads
+        self._uploads = _UploadProcess()
         self._cond = threading.Condition()
         self._queue: list[_Job] = []  # to upload, oldest step first (the final model last)
         self._current: _Job | None = None  # being uploaded
@@ -220,10 +238,12 @@ class CheckpointPusher:
         self._failed: list[_Job] = []  # non-retryable error: never tried again by this pusher
         self._pushed: dict[str, str] = {}  # name -> commit sha
         self._closing = False
-        self._abandon = threading.Event()  # close() timed out: stop after the request in flight
+        self._abandon = threading.Event()  # close() timed out, or the process exits: stop uploading
         self._closed_result: list[str] | None = None
         self._thread = threading.Thread(target=self._work, name="robotrain-hub-push", daemon=True)
         self._thread.start()
+        # At exit without close() the upload stops with the process, as it would on a daemon thread.
+        weakref.finalize(self, _stop_uploads, self._abandon, self._uploads)
 
     @classmethod
     def from_config(cls, cfg: HubConfig, **kwargs) -> CheckpointPusher:
@@ -273,7 +293,8 @@ class CheckpointPusher:
         """Stop taking work, give checkpoints whose retries ran out one more round, and wait at
         most `timeout` seconds (None: no limit) for the uploads to finish. Returns the names not
         pushed (step folder names, oldest first, and FINAL), and logs them with how to push them by
-        hand. An upload still in flight at the deadline is left to the (daemon) thread."""
+        hand. An upload still in flight at the deadline is stopped (its upload process killed) and
+        listed; no upload process is left running either way."""
         with self._cond:
             if self._closed_result is not None:
                 return list(self._closed_result)
@@ -293,6 +314,9 @@ class CheckpointPusher:
             self._closed_result = [job.name for job in left]
         if drained:
             self._thread.join(timeout=5.0)
+            self._uploads.stop()
+        else:
+            self._uploads.kill()
         self._report(left, drained)
         return list(self._closed_result)
 
@@ -346,6 +370,8 @@ class CheckpointPusher:
             try:
                 self._attempt(job)
             except Exception as err:  # noqa: BLE001 - sorted into retryable / not below, never swallowed silently
+                if self._abandon.is_set():
+                    return _LATER  # close() ran out of time and stopped this upload: close() lists it
                 if not job.folder.is_dir():
                     log.warning("%s was deleted locally while it was being uploaded to %s; skipping it",
                                 what, self.repo_id)
@@ -369,28 +395,17 @@ class CheckpointPusher:
         return _LATER
 
     def _delay(self, attempt: int, err: Exception) -> float:
-        delay = self.base_delay_s * 2 ** (attempt - 1)
-        if isinstance(err, HfHubHTTPError) and _status(err) == 429:
-            try:
-                delay = max(delay, float(err.response.headers.get("Retry-After", 0)))
-            except ValueError:
-                pass
+        delay = max(self.base_delay_s * 2 ** (attempt - 1), _retry_after(err))
         return min(delay, self.max_delay_s)
 
     def _attempt(self, job: _Job) -> None:
         if job.is_final:
-            job.oid = self._commit_final(job)
+            job.oid = self._uploads.call(_commit_final, self.repo_id, job.folder, job.card,
+                                         f"Final model (step {job.step})")
             return
         if job.oid is None:
-            # Exactly one commit (upload_folder may split a big folder into several); files the Hub
-            # already holds with the same content are left out by the client, and if none changed
-            # it makes no commit and returns the head, which holds them.
-            info = self._api.create_commit(
-                self.repo_id,
-                operations=_add_operations(job.folder, f"{CHECKPOINTS}/{job.name}/"),
-                commit_message=f"Checkpoint {job.name} (step {job.step})",
-            )
-            job.oid = info.oid
+            job.oid = self._uploads.call(_commit_files, self.repo_id, job.folder, f"{CHECKPOINTS}/{job.name}/",
+                                         f"Checkpoint {job.name} (step {job.step})")
         self._tag(job)
 
     def _tag(self, job: _Job) -> None:
@@ -406,19 +421,6 @@ class CheckpointPusher:
             log.info("moving tag %s of %s to the new commit %s", job.name, self.repo_id, job.oid[:8])
             self._api.delete_tag(self.repo_id, tag=job.name)
             self._api.create_tag(self.repo_id, tag=job.name, revision=job.oid, tag_message=f"step {job.step}")
-
-    def _commit_final(self, job: _Job) -> str:
-        adds = [*_add_operations(job.folder, ""),
-                CommitOperationAdd(path_in_repo=_ROOT_CARD, path_or_fileobj=job.card.encode())]
-        new = {op.path_in_repo for op in adds}
-        stale = [
-            e.path for e in self._api.list_repo_tree(self.repo_id)
-            if isinstance(e, RepoFile) and e.path.endswith(SAFE_SUFFIXES) and e.path not in new
-        ]
-        operations = [*adds, *(CommitOperationDelete(path_in_repo=path) for path in stale)]
-        info = self._api.create_commit(self.repo_id, operations=operations,
-                                       commit_message=f"Final model (step {job.step})")
-        return info.oid
 
     def _report(self, left: list[_Job], drained: bool) -> None:
         if not left:
@@ -439,6 +441,168 @@ class CheckpointPusher:
         log.warning("\n".join(lines))
 
 
+# -- the upload process -------------------------------------------------------------------------
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+# A plain `python -c`, not multiprocessing's spawn: spawn re-imports the parent's main script in the
+# child (a training script's torch, the `robotrain` console script's Hydra) and leaves a
+# resource-tracker process running; this child imports robotrain.hub and huggingface_hub only.
+_CHILD_CODE = ("import sys; sys.path.insert(0, sys.argv[1]); "
+               "from robotrain.hub import _serve_uploads; _serve_uploads(int(sys.argv[2]), int(sys.argv[3]))")
+_POLL_S = 1.0
+
+
+class _UploadError(Exception):
+    """A failed upload as the upload process reports it: picklable (huggingface_hub's errors carry an
+    HTTP response that may not be) and all that `_retryable`, `_delay` and `_describe` need."""
+
+    def __init__(self, description: str, retryable: bool, status: int | None = None, retry_after: float = 0.0):
+        super().__init__(description, retryable, status, retry_after)
+        self.description, self.retryable, self.status, self.retry_after = description, retryable, status, retry_after
+
+    def __str__(self) -> str:
+        return self.description
+
+    @classmethod
+    def of(cls, err: Exception) -> _UploadError:
+        return cls(_describe(err), _retryable(err), _status(err), _retry_after(err))
+
+
+class _UploadProcess:
+    """The pusher's upload child: `call(fn, *args)` runs a module-level function of this module there
+    and returns its result, or raises its `_UploadError`. Started at the first call, and again after
+    it died. `call` is made by the pusher's thread only; `stop` and `kill` by close()."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._conn: Connection | None = None
+        self._stopped = False
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        proc, conn = self._started()
+        try:
+            conn.send((fn, args))
+            # Poll rather than rely on EOF alone: a process the trainer forked meanwhile (a DataLoader
+            # worker) may hold a copy of the child's end of the pipe, which then never reads EOF.
+            while not conn.poll(_POLL_S):
+                if proc.poll() is not None:
+                    raise EOFError
+            ok, value = conn.recv()
+        except (EOFError, OSError):
+            raise _UploadError(f"the upload process {self._reap(proc)}", retryable=True) from None
+        if not ok:
+            raise value
+        return value
+
+    def _started(self) -> tuple[subprocess.Popen, Connection]:
+        with self._lock:
+            if self._stopped:  # close() stopped uploads: nothing may start after it returned
+                raise _UploadError("the pusher is closed", retryable=False)
+            if self._proc is None:
+                ours, theirs = Pipe()
+                with theirs:  # the child's end stays open in the child only
+                    self._proc = subprocess.Popen(
+                        [sys.executable, "-c", _CHILD_CODE, _PACKAGE_PARENT, str(theirs.fileno()), str(os.getpid())],
+                        pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                self._conn = ours
+            return self._proc, self._conn
+
+    def _reap(self, proc: subprocess.Popen) -> str:
+        """After its pipe broke: make sure that child is gone and forgotten; say how it ended."""
+        with self._lock:
+            if self._proc is proc:
+                self._conn.close()
+                self._proc = self._conn = None
+        proc.kill()  # no-op unless it closed its pipe but lives on
+        code = proc.wait()
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        return f"{how}; a new one takes the next attempt"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask an idle child to exit, and wait for it (killed after `timeout` seconds)."""
+        with self._lock:
+            self._stopped = True
+            proc, conn, self._proc, self._conn = self._proc, self._conn, None, None
+        if proc is None:
+            return
+        with contextlib.suppress(OSError):
+            conn.send(None)
+        conn.close()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _kill(proc)
+
+    def kill(self) -> None:
+        """Kill the child now, an upload in flight included; the pusher's thread, if it waits on
+        it, sees it die (and closes the pipe). No new child starts after this."""
+        with self._lock:
+            self._stopped = True
+            proc = self._proc
+        if proc is not None:
+            _kill(proc)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    # Bounded, as close() is: a child stuck in the kernel (a hung network filesystem) is reaped later.
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(5.0)
+
+
+def _stop_uploads(abandon: threading.Event, uploads: _UploadProcess) -> None:
+    abandon.set()  # what the thread was uploading is not a failure to report
+    uploads.kill()
+
+
+def _serve_uploads(fd: int, parent_pid: int) -> None:
+    """The upload process: runs each (function, args) the pusher sends and answers (True, result) or
+    (False, _UploadError), until it gets None or its pipe closes."""
+    os.nice(10)  # hashing and encoding yield the CPU to training
+    # The trainer decides when uploads stop: Ctrl-C or a preemption signal sent to the whole process
+    # group must not kill the upload that the trainer's save-and-drain is waiting for.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_exit_without_parent, args=(parent_pid,), daemon=True).start()
+    conn = Connection(fd)
+    with contextlib.suppress(EOFError, BrokenPipeError, ConnectionResetError):  # the pusher left: so do we
+        while (request := conn.recv()) is not None:
+            fn, args = request
+            try:
+                answer = (True, fn(*args))
+            except Exception as err:  # noqa: BLE001 - every failure goes back to the pusher, which sorts it
+                answer = (False, _UploadError.of(err))
+            conn.send(answer)
+
+
+def _exit_without_parent(parent_pid: int) -> None:
+    """Ends the upload process once the trainer is gone (killed before close()): no orphan upload."""
+    while os.getppid() == parent_pid:
+        time.sleep(_POLL_S)
+    os._exit(1)
+
+
+def _commit_files(repo_id: str, folder: Path, prefix: str, message: str) -> str:
+    """In the upload process: every file of `folder` at `prefix` + its relative path, in exactly one
+    commit (upload_folder may split a big folder into several); returns its sha. Files the Hub
+    already holds with the same content are left out by the client, and if none changed it makes no
+    commit and returns the head, which holds them."""
+    return HfApi().create_commit(repo_id, operations=_add_operations(folder, prefix), commit_message=message).oid
+
+
+def _commit_final(repo_id: str, folder: Path, card: str, message: str) -> str:
+    """In the upload process: the final model's files and `card` (README.md) at the repo root, in one
+    commit that also deletes the root-level .safetensors/.json files not in it; returns its sha."""
+    api = HfApi()
+    adds = [*_add_operations(folder, ""), CommitOperationAdd(path_in_repo=_ROOT_CARD, path_or_fileobj=card.encode())]
+    new = {op.path_in_repo for op in adds}
+    stale = [e.path for e in api.list_repo_tree(repo_id)
+             if isinstance(e, RepoFile) and e.path.endswith(SAFE_SUFFIXES) and e.path not in new]
+    operations = [*adds, *(CommitOperationDelete(path_in_repo=path) for path in stale)]
+    return api.create_commit(repo_id, operations=operations, commit_message=message).oid
+
+
 def _add_operations(folder: Path, prefix: str) -> list[CommitOperationAdd]:
     """Every file under `folder` (hidden entries such as .cache/ left out), at `prefix` + its relative path."""
     files = sorted(p for p in folder.rglob("*") if p.is_file()
@@ -451,21 +615,39 @@ def _label(job: _Job) -> str:
     return f"the final model (step {job.step})" if job.is_final else f"checkpoint {job.name}"
 
 
-def _status(err: HfHubHTTPError) -> int | None:
+def _status(err: Exception) -> int | None:
+    if isinstance(err, _UploadError):
+        return err.status
+    if not isinstance(err, HfHubHTTPError):
+        return None
     response = getattr(err, "response", None)
     return getattr(response, "status_code", None)
 
 
 def _retryable(err: Exception) -> bool:
-    """5xx, 429, 408, timeouts, refused and dropped connections: worth another try."""
+    """5xx, 429, 408, timeouts, refused and dropped connections, a dead upload process: worth another try."""
+    if isinstance(err, _UploadError):
+        return err.retryable
     if isinstance(err, HfHubHTTPError):
         status = _status(err)
         return status is None or status >= 500 or status in _RETRY_STATUSES
     return isinstance(err, (httpx2.TransportError, TimeoutError, ConnectionError))
 
 
+def _retry_after(err: Exception) -> float:
+    """A 429's Retry-After in seconds; 0 when there is none."""
+    if isinstance(err, _UploadError):
+        return err.retry_after
+    if isinstance(err, HfHubHTTPError) and _status(err) == 429:
+        with contextlib.suppress(ValueError):
+            return float(err.response.headers.get("Retry-After", 0))
+    return 0.0
+
+
 def _describe(err: BaseException) -> str:
     """One line about an error, without tokens (huggingface_hub's messages carry none)."""
+    if isinstance(err, _UploadError):
+        return err.description
     if isinstance(err, HfHubHTTPError) and _status(err) is not None:
         detail = err.server_message or str(err)
         return f"HTTP {_status(err)}: {detail.strip().splitlines()[0] if detail.strip() else type(err).__name__}"

@@ -137,7 +137,10 @@ def launch_sweep(hydra_context, task_function, config, job_overrides: Sequence[S
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    planned = [_plan(hydra_context, config, list(o), initial_job_idx + i, sweep_dir) for i, o in enumerate(job_overrides)]
+    common = set(job_overrides[0]).intersection(*job_overrides) if job_overrides else set()
+    base_job = _job_config(config, initial_job_idx, [])
+    planned = [_plan(hydra_context, config, list(o), initial_job_idx + i, sweep_dir, common, base_job)
+               for i, o in enumerate(job_overrides)]
     results: dict[int, Any] = {}
     local_points = [(p.index, p.overrides) for p, job, _ in planned if not job.is_remote]
     for ret, (idx, _) in zip(local.run_in_process(hydra_context, task_function, config, local_points), local_points):
@@ -151,25 +154,51 @@ def launch_sweep(hydra_context, task_function, config, job_overrides: Sequence[S
     return [results[p.index] for p, _, _ in planned]
 
 
-def _plan(hydra_context, config, overrides: list[str], idx: int, sweep_dir: Path):
-    """(Point, its JobConfig, its composed config) for sweep point `idx`."""
+def _plan(hydra_context, config, overrides: list[str], idx: int, sweep_dir: Path, common: set[str],
+          base_job: JobConfig):
+    """(Point, its JobConfig, its composed config or None) for sweep point `idx`.
+
+    Composing a point's config costs as much as composing the primary one, and Hydra's
+    sweeper has just done it for every point to validate the sweep. When what varies across
+    the points cannot change where or how a point runs (no swept `job` key, the default
+    `${hydra.job.num}` subdir), its job and run dir follow from the primary config, which
+    already holds the overrides common to all points, and the point is not composed again."""
     from omegaconf import OmegaConf, open_dict
+
+    subdir = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")
+    swept = [o for o in overrides if o not in common]
+    if subdir == "${hydra.job.num}" and not any(_sets_prefix(o, "job") for o in swept):
+        job, sweep_config, name = base_job, None, str(config.hydra.job.name)
+        run_dir = sweep_dir / str(idx)
+    else:
+        sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        job, name = _job_config(sweep_config, idx, overrides), str(sweep_config.hydra.job.name)
+        run_dir = sweep_dir / str(sweep_config.hydra.sweep.subdir)
+    # One name for all points: a SLURM array has one job name (its tasks are <id>_<index>).
+    return Point(overrides, run_dir if job.target != "hf" else None, index=idx, name=name), job, sweep_config
+
+
+def _sets_prefix(override: str, prefix: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0].split("@", 1)[0]
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def _job_config(config, idx: int, overrides: list[str]) -> JobConfig:
+    """The typed `job` node; an app without one (e.g. Hydra's launcher test suite) runs locally."""
+    from omegaconf import OmegaConf
 
     from robotrain.cli_errors import fail
     from robotrain.config import _typed
 
-    sweep_config = hydra_context.config_loader.load_sweep_config(config, overrides)
-    with open_dict(sweep_config):
-        sweep_config.hydra.job.id = idx
-        sweep_config.hydra.job.num = idx
-    try:  # an app without robotrain's `job` node (e.g. Hydra's launcher test suite) runs locally
-        job = _typed(JobConfig, OmegaConf.to_container(sweep_config.job, resolve=True), where="job") \
-            if "job" in sweep_config else JobConfig()
+    if "job" not in config:
+        return JobConfig()
+    try:
+        return _typed(JobConfig, OmegaConf.to_container(config.job, resolve=True), where="job")
     except UserError as err:
         fail(f"sweep point #{idx} ({' '.join(overrides)}): {err}")
-    run_dir = sweep_dir / str(sweep_config.hydra.sweep.subdir) if job.target != "hf" else None
-    name = f"{sweep_config.hydra.job.name}_{idx}"
-    return Point(overrides, run_dir, index=idx, name=name), job, sweep_config
 
 
 def _run_group(group: list) -> dict[int, Any]:
@@ -185,7 +214,7 @@ def _run_group(group: list) -> dict[int, Any]:
         outcome = Outcome(ok=True, value={"job_id": handle.job_id}) if job.detach else handle.wait()
         value = outcome.value.get("return_value") if outcome.ok and not job.detach else outcome.value
         ret = JobReturn(overrides=point.overrides, cfg=sweep_config, hydra_cfg=None,
-                        working_dir=str(point.run_dir or handle.job_id), task_name=str(sweep_config.hydra.job.name),
+                        working_dir=str(point.run_dir or handle.job_id), task_name=point.name,
                         status=JobStatus.COMPLETED if outcome.ok else JobStatus.FAILED,
                         _return_value=value if outcome.ok else outcome.error)
         if not outcome.ok:
