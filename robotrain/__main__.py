@@ -25,10 +25,14 @@ log = logging.getLogger("robotrain")
 
 register_configs()
 
+_CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3", "filelock", "huggingface_hub")
+
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="config")
 def _hydra_main(composed: DictConfig) -> float | None:
     cli_errors.composition_done()
+    for noisy in _CHATTY_LOGGERS:  # Hydra logs INFO from every library; these log each HTTP request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         result = run(composed)
     except UserError as err:

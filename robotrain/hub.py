@@ -515,8 +515,9 @@ class _UploadProcess:
                 self._conn.close()
                 self._proc = self._conn = None
         proc.kill()  # no-op unless it closed its pipe but lives on
-        code = proc.wait()
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+        how = f"exited with code {proc.wait()}"
+        with contextlib.suppress(ValueError):  # real-time signals have no name
+            how = f"was killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else how
         return f"{how}; a new one takes the next attempt"
 
     def stop(self, timeout: float = 5.0) -> None:

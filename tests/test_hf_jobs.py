@@ -111,3 +111,26 @@ def test_remote_dispatch_downloads_nothing_on_the_submitting_machine(jobs_cli, h
     hub.wait_for_job(new_jobs()[0]["id"], ["COMPLETED", "ERROR"], timeout=120)
     assert hub.downloads(since=mark) == []
     assert not (tmp_path / "submit" / "checkpoints").exists()
+
+
+def test_ctrl_c_while_following_detaches_and_the_job_keeps_running(jobs_cli, hub, new_jobs, tmp_path):
+    import signal
+
+    proc = jobs_cli.popen(*hf_args("+job.env.ROBOTRAIN_CACHE=/nonexistent"), "steps=100000",
+                          f"hydra.run.dir={tmp_path / 'submit'}")
+    assert "submitted hf job" in proc.stdout.readline()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    (job,) = new_jobs()
+    assert proc.returncode == 0, stderr
+    assert f"detached from job {job['id']}" in stderr and f"hf jobs cancel {job['id']}" in stderr
+    assert job["stage"] in ("SCHEDULING", "RUNNING")
+
+
+def test_sweep_submits_one_hf_job_per_point(jobs_cli, new_jobs, robotrain_cache, tmp_path):
+    done = jobs_cli.run("-m", *hf_args(f"+job.env.ROBOTRAIN_CACHE={robotrain_cache}"), *TINY, "steps=2", "seed=0,1",
+                        f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = new_jobs()
+    assert len(jobs) == 2 and all(job["stage"] == "COMPLETED" for job in jobs)
+    assert sorted("seed=0" in job["command"] for job in jobs) == [False, True]
