@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from robotrain.data.synthetic import ReachEnv
+from robotrain.data.synthetic import TASK, ReachEnv
 from robotrain.policies.base import Policy
 
 
@@ -28,12 +28,14 @@ class EvalResult:
         return {"eval/success_rate": self.success_rate, "eval/mean_steps": self.mean_steps}
 
 
-def observation_to_batch(obs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-    """Simulator observations -> the tensors a policy gets from the dataset (images CHW in [0, 1])."""
+def observation_to_batch(obs: dict[str, np.ndarray], device: torch.device) -> dict:
+    """Simulator observations -> what a policy gets from the dataset (images CHW in [0, 1], and
+    the language task for policies that read it)."""
     image = torch.from_numpy(obs["observation.image"]).permute(0, 3, 1, 2).float().div_(255)
     return {
         "observation.state": torch.from_numpy(obs["observation.state"]).to(device),
         "observation.image": image.to(device),
+        "task": [TASK] * len(image),
     }
 
 

@@ -82,7 +82,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
     # Data: the main process generates or checks the dataset once; the others wait, then read it.
     with accelerator.main_process_first():
         root = data.prepare(cfg.dataset)
-    dataset = data.open_dataset(cfg.dataset, root, delta_timestamps=_action_deltas(cfg, root))
+    dataset = data.open_dataset(cfg.dataset, root, delta_timestamps=_delta_timestamps(cfg, root))
     sampler = EpisodeAwareSampler(
         *dataset.episode_bounds, seed=cfg.seed, shuffle=cfg.sampler.shuffle,
         permutation=cfg.sampler.permutation, drop_n_first_frames=cfg.sampler.drop_n_first_frames,
@@ -153,11 +153,19 @@ def _make_pusher(cfg: TrainConfig):
     return hub.CheckpointPusher.from_config(cfg.hub)
 
 
-def _action_deltas(cfg: TrainConfig, root: Path) -> dict[str, list[float]]:
-    from robotrain.data.lerobot_format import load_meta
+def _delta_timestamps(cfg: TrainConfig, root: Path) -> dict[str, list[float]]:
+    """What each sample holds (action chunk, observation history), with features left unset in
+    the policy config taken from the dataset, as `policies.make` will."""
+    import dataclasses
 
-    fps = load_meta(root).fps
-    return {"action": [i / fps for i in cfg.policy.action_delta_indices]}
+    from robotrain.data.lerobot_format import load_meta
+    from robotrain.policies.base import features_from_dataset
+
+    meta = load_meta(root)
+    inputs, outputs = features_from_dataset(meta.features)
+    config = dataclasses.replace(cfg.policy, input_features=cfg.policy.input_features or inputs,
+                                 output_features=cfg.policy.output_features or outputs)
+    return config.delta_timestamps(meta.fps)
 
 
 def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, sampler, position: int):

@@ -83,9 +83,23 @@ class PolicyConfig:
         return {**head, **body}
 
     @property
+    def observation_delta_indices(self) -> list[int] | None:
+        """Frame offsets of the observations a sample holds (None: the current frame only).
+        A policy with an observation history (n_obs_steps > 1) returns e.g. [-1, 0]."""
+        return None
+
+    @property
     def action_delta_indices(self) -> list[int]:
         """Frame offsets of the action targets, relative to the observed frame."""
         return list(range(self.chunk_size))
+
+    def delta_timestamps(self, fps: int) -> dict[str, list[float]]:
+        """LeRobot's `delta_timestamps` for this policy: what each sample holds, in seconds."""
+        deltas = {key: [i / fps for i in self.action_delta_indices] for key in self.output_features or {"action": 0}}
+        if self.observation_delta_indices is not None:
+            for key in self.input_features or {}:
+                deltas[key] = [i / fps for i in self.observation_delta_indices]
+        return deltas
 
 
 def features_from_dataset(meta_features: dict[str, dict]) -> tuple[dict, dict]:
