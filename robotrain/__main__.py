@@ -39,22 +39,20 @@ def _hydra_main(composed: DictConfig) -> float | None:
         cli_errors.fail(str(err))
     if isinstance(result, RemoteRun):
         return _finish_remote(result)
-    if result.preempted_by:
-        print(
-            f"robotrain: stopped by {result.preempted_by} at step {result.step}; checkpoint {result.last_checkpoint}. "
-            f"Continue with: python -m robotrain hydra.run.dir={result.run_dir} resume=auto",
-            file=sys.stderr,
-        )
-        sys.exit(EXIT_PREEMPTED)
-    return result.return_value
+    if isinstance(result, int):  # the exit code of processes launched here
+        if result != 0:
+            sys.exit(result)
+        return None
+    return _finish_local(result)
 
 
 def run(composed: DictConfig):
-    """Validate; then either dispatch the run (job.target slurm|hf) and return a `RemoteRun`,
-    or resolve resume and train here, returning the `RunResult`."""
+    """Validate; then dispatch the run (job.target slurm|hf: returns a `RemoteRun`), start
+    several processes (distributed.processes=N: returns their exit code), or resolve resume
+    and train in this process (returns the `RunResult`)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from robotrain import resume
+    from robotrain import distributed, resume
     from robotrain.train import train
 
     hydra_cfg = HydraConfig.get()
@@ -62,13 +60,40 @@ def run(composed: DictConfig):
     typed = parse(composed)  # validate what was typed before looking at any checkpoint
     if typed.job.is_remote:  # the job resolves resume and downloads; nothing is fetched here
         return dispatch.run_remote(typed.job, hydra_cfg.overrides.task, run_dir)
-    point = resume.locate(composed.resume.spec, run_dir)
+    if typed.distributed.processes > 1 and not distributed.launched():
+        return distributed.launch_local(typed.distributed.processes, hydra_cfg.overrides.task, run_dir)
+    accelerator = distributed.make_accelerator()
+    # Every process works in the main process's run dir; only the main process fetches a checkpoint.
+    run_dir = distributed.broadcast(accelerator, run_dir)
+    point = resume.locate(composed.resume.spec, run_dir) if accelerator.is_main_process else None
+    point = distributed.broadcast(accelerator, point)
     if point is not None:
         composed = resume.merged_config(point, composed, hydra_cfg.overrides.task)
     cfg = parse(composed)
-    result = train(cfg, run_dir, point)
-    _print_summary(cfg, result)
+    result = train(cfg, run_dir, point, accelerator=accelerator)
+    if accelerator.is_main_process:
+        _print_summary(cfg, result)
     return result
+
+
+def _finish_local(result):
+    """Report a preemption (exit 75 for requeue); end a multi-process run cleanly."""
+    from robotrain import distributed
+
+    code = 0
+    if result.preempted_by:
+        code = EXIT_PREEMPTED
+        if result.is_main:
+            print(
+                f"robotrain: stopped by {result.preempted_by} at step {result.step}; checkpoint "
+                f"{result.last_checkpoint}. Continue with: python -m robotrain hydra.run.dir={result.run_dir} resume=auto",
+                file=sys.stderr,
+            )
+    if result.num_processes > 1:
+        distributed.exit_process(code)
+    if code:
+        sys.exit(code)
+    return result.return_value
 
 
 def _finish_remote(remote: RemoteRun):

@@ -56,11 +56,14 @@ def save(
     training_step: dict,
     sampler_state: dict,
     fsync: bool = True,
+    rng_states: list[dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically; returns its folder.
 
     `save_pretrained(folder)` writes the policy's pretrained_model/ files; it is a callable
     so that wrapped (DDP/FSDP/PEFT) models decide how their weights are gathered.
+    `rng_states` holds every process's RNG state (rank 0's goes to LeRobot's
+    rng_state.safetensors, rank r's to rng_state_rank<r>.safetensors); default: this process's.
     """
     checkpoints_dir = Path(checkpoints_dir)
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +78,8 @@ def save(
     _write_json(state / "training_step.json", {"step": step, **training_step})
     _save_optimizer(state, optimizer)
     _write_json(state / "scheduler_state.json", scheduler.state_dict())
-    save_file(rng_state(), str(state / "rng_state.safetensors"))
+    for rank, states in enumerate(rng_states or [rng_state()]):
+        save_file(states, str(state / rng_file_name(rank)))
     _write_json(state / "sampler_state.json", sampler_state)
     if fsync:
         _fsync_tree(tmp)
@@ -152,6 +156,10 @@ def _save_optimizer(state_dir: Path, optimizer: torch.optim.Optimizer) -> None:
     _write_json(state_dir / "optimizer_param_groups.json", sd["param_groups"])
 
 
+def rng_file_name(rank: int) -> str:
+    return "rng_state.safetensors" if rank == 0 else f"rng_state_rank{rank}.safetensors"
+
+
 def rng_state() -> dict[str, torch.Tensor]:
     """Python, NumPy and torch RNG states under LeRobot's keys.
 
@@ -224,23 +232,30 @@ def load_model_weights(model: torch.nn.Module, pretrained_dir: Path) -> None:
 
 def load_training_state(
     checkpoint_dir: Path,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    rank: int = 0,
 ) -> dict:
-    """Restore optimizer, scheduler and every RNG; returns training_step.json + sampler state.
+    """Restore optimizer, scheduler and this process's RNG; returns training_step.json plus
+    `sampler_state` and `rng_restored` (False when the checkpoint has no state for `rank`,
+    e.g. after growing the number of processes). `optimizer=None` leaves the optimizer to the
+    caller (sharded FSDP state is restored with torch.distributed.checkpoint).
 
     Everything is read and checked before anything is restored, so a bad checkpoint
     leaves the live objects untouched."""
     state_dir = Path(checkpoint_dir) / TRAINING_STATE
     training_step = read_json(state_dir / "training_step.json")
-    optimizer_sd = _read_optimizer(state_dir, optimizer)
+    optimizer_sd = _read_optimizer(state_dir, optimizer) if optimizer is not None else None
     scheduler_sd = read_json(state_dir / "scheduler_state.json")
-    rng = load_safetensors(state_dir / "rng_state.safetensors")
+    rng_path = state_dir / rng_file_name(rank)
+    rng = load_safetensors(rng_path) if rank == 0 or rng_path.is_file() else None
     sampler_state = read_json(state_dir / "sampler_state.json")
-    optimizer.load_state_dict(optimizer_sd)
+    if optimizer_sd is not None:
+        optimizer.load_state_dict(optimizer_sd)
     scheduler.load_state_dict(scheduler_sd)
-    set_rng_state(rng)
-    return {**training_step, "sampler_state": sampler_state}
+    if rng is not None:
+        set_rng_state(rng)
+    return {**training_step, "sampler_state": sampler_state, "rng_restored": rng is not None}
 
 
 def _read_optimizer(state_dir: Path, optimizer: torch.optim.Optimizer) -> dict:

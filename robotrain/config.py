@@ -66,8 +66,10 @@ class DatasetConfig:
 
     repo_id: str = MISSING
     """LeRobot repo id (`user/name`); `robotrain/synthetic_reach` generates the embedded task."""
-    root: Optional[str] = None
-    """Local folder holding the dataset; unset: the robotrain cache (synthetic only)."""
+    root: Optional[str] = MISSING
+    """Local folder holding the dataset; null: the cache (downloaded from the Hub, or generated if synthetic)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or sha) to download when root is unset."""
     episodes: Optional[list[int]] = None
     """Train on these episode indices only; unset: all."""
     tolerance_s: float = 1e-4
@@ -87,10 +89,6 @@ class DatasetConfig:
         _require(
             bool(_REPO_ID.match(self.repo_id)),
             f"dataset.repo_id must look like 'user/name', got {self.repo_id!r}",
-        )
-        _require(
-            self.is_synthetic or self.root is not None,
-            f"dataset.root is required for {self.repo_id!r}: pass dataset.root=/path/to/the/dataset",
         )
 
 
@@ -291,6 +289,21 @@ _JOB_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not datacl
 
 
 @dataclass
+class DistributedConfig:
+    """Several training processes: data-parallel (DDP) or sharded (FSDP2)."""
+
+    processes: int = 1
+    """Processes to start on this machine (robotrain runs torchrun for you). Under torchrun,
+    accelerate launch or a multi-task SLURM job, the world comes from the environment instead."""
+    strategy: str = "ddp"
+    """ddp: each process holds the whole model; fsdp: parameters, gradients and optimizer state are sharded."""
+
+    def __post_init__(self) -> None:
+        _require(self.processes >= 1, f"distributed.processes must be >= 1, got {self.processes}")
+        _require(self.strategy in ("ddp", "fsdp"), f"distributed.strategy must be ddp or fsdp, got {self.strategy!r}")
+
+
+@dataclass
 class CheckpointConfig:
     """When checkpoints are written under `<run_dir>/checkpoints/`."""
 
@@ -387,6 +400,8 @@ class TrainConfig:
     """Adapters for fine-tuning."""
     job: JobConfig = field(default_factory=JobConfig)
     """Where the run executes."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Several processes: DDP or FSDP."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and retention."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -407,6 +422,8 @@ class TrainConfig:
     """Batches prepared ahead on a background thread when num_workers=0; 0 turns it off."""
     log_every: int = 100
     """Write a metrics line (and a log line when not on a terminal) every N steps."""
+    log_samples: bool = False
+    """Write every step's dataset indices, per process, to samples_rank<r>.jsonl (to audit data order)."""
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, f"steps must be > 0, got {self.steps}")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from robotrain import checkpoint, data, policies
+from robotrain import checkpoint, data, distributed, policies
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader
 from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
@@ -51,6 +51,8 @@ class RunResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
     not_pushed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    num_processes: int = 1
+    is_main: bool = True
 
     @property
     def return_value(self) -> float | None:
@@ -73,10 +75,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) -> RunResult:
+def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
+          accelerator: Accelerator | None = None) -> RunResult:
     started = time.perf_counter()
-    accelerator = Accelerator(step_scheduler_with_optimizer=False)
-    seed_everything(cfg.seed)
+    accelerator = accelerator or distributed.make_accelerator()
+    if not accelerator.is_main_process:
+        log.setLevel(logging.WARNING)  # one voice per run
+    seed_everything(cfg.seed)  # the same on every process: identical initial weights
     pusher = _make_pusher(cfg) if accelerator.is_main_process else None  # bad repo/token: fail now
 
     # Data: the main process generates or checks the dataset once; the others wait, then read it.
@@ -93,13 +98,19 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
     policy = policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats)
     optimizer = make_optimizer(policy.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.steps)
-    step, position = _restore(cfg, resume, policy, optimizer, scheduler, sampler) if resume else (0, 0)
+    if accelerator.num_processes > 1:
+        seed_everything(cfg.seed + accelerator.process_index)  # per-process randomness from here on
+    global_batch = cfg.batch_size * accelerator.num_processes
+    step, position = 0, 0
+    if resume is not None:
+        step, position = _restore(cfg, resume, policy, optimizer, scheduler, sampler, accelerator, global_batch)
     policy, optimizer = accelerator.prepare(policy, optimizer)
 
-    global_batch = cfg.batch_size * accelerator.num_processes
     loader = _loader(cfg, accelerator, dataset, sampler, position)
-    result = RunResult(run_dir=run_dir, step=step)
+    result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
+                       is_main=accelerator.is_main_process)
     saver = _Saver(cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch)
+    samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
     metrics_log = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
     progress = Progress(cfg.steps, step, cfg.log_every, enabled=accelerator.is_main_process)
     evaluator = _Evaluator(cfg, accelerator, result, metrics_log, progress)
@@ -115,6 +126,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
                 t1 = time.perf_counter()
                 loss, grad_norm = _update(cfg, accelerator, policy, optimizer, scheduler, batch)
                 step += 1
+                if samples is not None:
+                    samples.write(step, batch["index"])
                 window.add(loss, grad_norm, t1 - t0, time.perf_counter() - t0)
 
                 metrics = None
@@ -124,10 +137,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
                 progress.update(step, metrics)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
                     evaluator.run(policy, step)
-                if _checkpoint_due(cfg, step) or preemption.requested:
+                # Every process must stop at the same step, whichever the signal reached first.
+                stop = distributed.any_process(accelerator, preemption.requested)
+                if _checkpoint_due(cfg, step) or stop:
                     result.last_checkpoint = saver.save(policy, step)
-                if preemption.requested:
-                    result.preempted_by = preemption.signal_name
+                if stop:
+                    result.preempted_by = preemption.signal_name or "a preemption signal to another process"
                     break
         result.step = step
         if result.preempted_by is None:
@@ -136,6 +151,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None) ->
     finally:
         if hasattr(stream, "close"):
             stream.close()
+        if samples is not None:
+            samples.close()
         progress.close()
         metrics_log.close()
         result.not_pushed = saver.close()
@@ -192,12 +209,25 @@ def _update(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, sched
     return loss, grad_norm
 
 
-def _restore(cfg, resume: ResumePoint, policy, optimizer, scheduler, sampler) -> tuple[int, int]:
+def _restore(cfg, resume: ResumePoint, policy, optimizer, scheduler, sampler, accelerator,
+             global_batch: int) -> tuple[int, int]:
     """Load a checkpoint into the live objects; returns (step, global sample position)."""
     checkpoint.load_model_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
-    state = checkpoint.load_training_state(resume.checkpoint_dir, optimizer, scheduler)
+    state = checkpoint.load_training_state(resume.checkpoint_dir, optimizer, scheduler,
+                                           rank=accelerator.process_index)
     if not cfg.resume.allow_changes:
         sampler.load_state_dict(state["sampler_state"])  # refuses a changed dataset or sampler
+    saved_global = state.get("global_batch_size", global_batch)
+    if saved_global != global_batch:
+        log.warning(
+            "the global batch changes from %d (%d processes x %d) to %d (%d x %d): training continues at "
+            "sample %d of the same order, but its batches (and so the weights) differ from the original run's",
+            saved_global, state.get("num_processes", 1), state.get("batch_size", saved_global), global_batch,
+            accelerator.num_processes, cfg.batch_size, state["sample_position"])
+    if not state["rng_restored"]:
+        log.warning("the checkpoint has no RNG state for process %d (it had %d processes): that process's "
+                    "random draws (dropout, noise) start fresh", accelerator.process_index,
+                    state.get("num_processes", 1))
     log.info("resumed from %s at step %d (sample %d)", resume.checkpoint_dir, state["step"], state["sample_position"])
     return state["step"], state["sample_position"]
 
@@ -217,8 +247,11 @@ class _Saver:
         self.last: Path | None = None
 
     def save(self, policy, step: int) -> Path | None:
-        self.accelerator.wait_for_everyone()
+        from accelerate.utils import gather_object
+
+        rng_states = gather_object([checkpoint.rng_state()])  # every process's, in rank order
         if not self.accelerator.is_main_process:
+            self.accelerator.wait_for_everyone()
             return None
         position = step * self.global_batch
         self.sampler.seek(position)
@@ -228,13 +261,14 @@ class _Saver:
             optimizer=self.optimizer, scheduler=self.scheduler, train_config=to_dict(self.cfg),
             training_step={"num_processes": self.accelerator.num_processes, "batch_size": self.cfg.batch_size,
                            "global_batch_size": self.global_batch, "sample_position": position},
-            sampler_state=self.sampler.state_dict(), fsync=self.cfg.checkpoint.fsync,
+            sampler_state=self.sampler.state_dict(), fsync=self.cfg.checkpoint.fsync, rng_states=rng_states,
         )
         protect: frozenset[str] = frozenset()
         if self.pusher is not None and self.cfg.hub.push_checkpoints:
             self.pusher.submit(self.last, step)
             protect = frozenset(self.pusher.pending())
         checkpoint.prune(self.checkpoints, self.cfg.checkpoint.keep_last, protect=protect)
+        self.accelerator.wait_for_everyone()  # nobody trains on while the checkpoint is written
         return self.last
 
     def push_final(self, result: RunResult) -> None:
@@ -250,6 +284,19 @@ class _Saver:
     def close(self) -> list[str]:
         """Wait (bounded) for uploads in flight; returns what was not pushed."""
         return self.pusher.close(self.cfg.hub.drain_timeout_s) if self.pusher is not None else []
+
+
+class _SampleLog:
+    """Each step's dataset indices seen by this process (`log_samples=true`)."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.file = open(run_dir / f"samples_rank{rank}.jsonl", "a", buffering=1)
+
+    def write(self, step: int, indices: torch.Tensor) -> None:
+        self.file.write(json.dumps({"step": step, "index": indices.tolist()}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class _Window:

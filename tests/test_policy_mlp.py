@@ -22,7 +22,7 @@ def dataset(tmp_path_factory):
 
 def make_policy(dataset, **fields):
     cfg = parse({"policy": {"type": "mlp", "hidden_dim": 32, **fields},
-                 "dataset": {"repo_id": "robotrain/synthetic_reach"}})
+                 "dataset": {"repo_id": "robotrain/synthetic_reach", "root": None}})
     torch.manual_seed(0)
     return policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats)
 
