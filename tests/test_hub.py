@@ -14,6 +14,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -58,6 +59,10 @@ def user_error(call):
     except UserError as err:
         return str(err)
     return None
+
+def children():  # pids of this process's children, zombies included: the pusher's upload process
+    import psutil
+    return [c.pid for c in psutil.Process().children(recursive=True)]
 """
 
 
@@ -272,8 +277,10 @@ STALLED = """
     sys.stdin.readline()  # the test saw the commit stalled on the Hub
     uploading = sorted(p.pending())
     started = time.monotonic()
+    uploaders = children()
     left = p.close(timeout=0.3)
-    out({"submit_s": submit_s, "uploading": uploading, "left": left, "close_s": time.monotonic() - started})
+    out({"submit_s": submit_s, "uploading": uploading, "left": left, "close_s": time.monotonic() - started,
+         "uploaders": uploaders, "after_close": children()})
 """
 
 
@@ -306,6 +313,69 @@ def test_close_waits_at_most_its_timeout_and_returns_and_logs_what_was_not_pushe
     assert seen["left"] == ["000010"]
     assert seen["close_s"] < 5
     assert f"hf upload {hub_repo} {folder} checkpoints/000010" in stderr
+
+
+def test_a_drain_that_runs_out_kills_the_upload_process_and_leaves_no_process_behind(hub, hub_repo, tmp_path):
+    seen, _ = run_with_stalled_commit(hub, hub_repo, save_checkpoint(tmp_path, 10))
+    assert len(seen["uploaders"]) == 1  # one upload process, stalled in its commit
+    assert seen["after_close"] == []  # killed and reaped by close(): no zombie
+    assert not psutil.pid_exists(seen["uploaders"][0])  # and no orphan once the pusher's process is gone
+
+
+def test_the_upload_process_starts_at_the_first_upload_niced_without_torch_and_close_ends_it(hub, hub_repo,
+                                                                                             tmp_path):
+    seen, _ = run(hub, hub_repo, """
+        import os, psutil
+        p = pusher()
+        idle = children()
+        p.submit(pathlib.Path(ARGS[0]), 10)
+        assert p.wait_idle(timeout=60)
+        [child] = children()
+        maps = pathlib.Path(f"/proc/{child}/maps").read_text()
+        niced = psutil.Process(child).nice() == min(os.nice(0) + 10, 19)
+        out({"idle": idle, "child": child, "niced": niced, "torch": "torch" in maps,
+             "left": p.close(timeout=60), "after_close": children(), "tags": sorted(tags())})
+    """, save_checkpoint(tmp_path, 10))
+    assert seen["idle"] == []  # a run that pushes nothing starts no process
+    assert (seen["niced"], seen["torch"]) == (True, False)
+    assert (seen["left"], seen["after_close"], seen["tags"]) == ([], [], ["000010"])
+    assert not psutil.pid_exists(seen["child"])
+
+
+KILLED = """
+    import os, signal
+    p = pusher()
+    p.submit(pathlib.Path(ARGS[0]), 10)
+    sys.stdin.readline()  # the test saw the commit stalled on the Hub
+    [first] = children()
+    os.kill(first, signal.SIGKILL)  # mid-upload
+    left = p.close(timeout=60)
+    out({"left": left, "tags": tags(), "head": api.repo_info(REPO).sha, "at_tag": files_at("000010"),
+         "after_close": children()})
+"""
+
+
+def test_a_killed_upload_process_is_replaced_and_the_checkpoint_still_lands(hub, hub_repo, tmp_path):
+    folder = save_checkpoint(tmp_path, 10)
+    hub.stall_commits()  # only the first commit: the retry goes through
+    proc = hub.popen_python(PRELUDE + textwrap.dedent(KILLED), args=[hub_repo, str(folder)], stdin=subprocess.PIPE)
+    try:
+        hub.wait_for_stalled(1, timeout=60)
+        stdout, stderr = proc.communicate("go\n", timeout=60)
+    finally:
+        hub.release()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        # The killed process's commit completes once released: let it land before the next test looks.
+        wait_until(lambda: len(hub.log(kind="commit", repo=hub_repo)) >= 2, 30, "the released commit to complete")
+    assert proc.returncode == 0, stderr
+    seen = json.loads(stdout.strip().splitlines()[-1])
+    assert seen["left"] == [] and seen["after_close"] == []
+    assert seen["tags"] == {"000010": seen["head"]}
+    assert [f"checkpoints/000010/{rel}" for rel in local_files(folder)] == [
+        f for f in seen["at_tag"] if f.startswith("checkpoints/000010/")]
+    assert "upload process was killed by SIGKILL" in stderr and "attempt 2/3" in stderr
 
 
 def test_a_tag_left_by_an_earlier_run_for_the_same_step_moves_to_the_new_commit(hub, hub_repo, tmp_path):
