@@ -44,19 +44,33 @@ def step_folder_name(step: int, total_steps: int) -> str:
 # -- saving ---------------------------------------------------------------------------
 
 
+def staging_path(checkpoints_dir: Path, step: int, total_steps: int) -> Path:
+    """Where checkpoint `step` is built before it is published: the same path on every process,
+    so that all of them can write their shards of a sharded (FSDP) checkpoint into it."""
+    return Path(checkpoints_dir) / f"{_TMP_PREFIX}{step_folder_name(step, total_steps)}"
+
+
+def prepare_staging(staging: Path) -> None:
+    """Clear leftovers of killed saves and create `staging` (main process, before the shards)."""
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(staging.parent)
+    (staging / TRAINING_STATE).mkdir(parents=True)
+
+
 def save(
     checkpoints_dir: Path,
     *,
     step: int,
     total_steps: int,
     save_pretrained,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     train_config: dict,
     training_step: dict,
     sampler_state: dict,
     fsync: bool = True,
     rng_states: list[dict[str, torch.Tensor]] | None = None,
+    staged: bool = False,
 ) -> Path:
     """Write checkpoint `step` atomically; returns its folder.
 
@@ -66,17 +80,17 @@ def save(
     rng_state.safetensors, rank r's to rng_state_rank<r>.safetensors); default: this process's.
     """
     checkpoints_dir = Path(checkpoints_dir)
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(checkpoints_dir)
     final = checkpoints_dir / step_folder_name(step, total_steps)
-    tmp = checkpoints_dir / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
+    tmp = staging_path(checkpoints_dir, step, total_steps)
+    if not staged:  # a sharded save has prepared it and written its shards already
+        prepare_staging(tmp)
     pretrained, state = tmp / PRETRAINED, tmp / TRAINING_STATE
-    pretrained.mkdir(parents=True)
-    state.mkdir()
+    pretrained.mkdir()
     save_pretrained(pretrained)
     _write_json(pretrained / "train_config.json", train_config)
     _write_json(state / "training_step.json", {"step": step, **training_step})
-    _save_optimizer(state, optimizer)
+    if optimizer is not None:  # None: the optimizer state is in the sharded training_state/dcp/
+        _save_optimizer(state, optimizer)
     _write_json(state / "scheduler_state.json", scheduler.state_dict())
     for rank, states in enumerate(rng_states or [rng_state()]):
         save_file(states, str(state / rng_file_name(rank)))

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from robotrain import checkpoint, data, distributed, policies
+from robotrain import checkpoint, data, distributed, fsdp, policies
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader
 from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
+from robotrain.errors import UserError
 from robotrain.optim import make_optimizer, make_scheduler
 from robotrain.preemption import PreemptionFlag
 from robotrain.progress import MetricsLog, Progress
@@ -95,7 +96,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     )
 
     # Policy, optimizer, schedule.
+    # Policy (resumed weights are the consolidated ones, whatever the world size), sharded with
+    # FSDP or replicated with DDP, then optimizer and schedule over its (possibly sharded) parameters.
     policy = policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats)
+    if resume is not None:
+        checkpoint.load_model_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
+    sharded = cfg.distributed.strategy == "fsdp"
+    if sharded:
+        fsdp.shard(policy.to(accelerator.device), accelerator.device)
+        log.info("FSDP: %d of %d parameter tensors sharded as DTensors over %d processes",
+                 fsdp.sharded_count(policy), len(list(policy.parameters())), accelerator.num_processes)
     optimizer = make_optimizer(policy.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.steps)
     if accelerator.num_processes > 1:
@@ -104,7 +114,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     step, position = 0, 0
     if resume is not None:
         step, position = _restore(cfg, resume, policy, optimizer, scheduler, sampler, accelerator, global_batch)
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if not sharded:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
 
     loader = _loader(cfg, accelerator, dataset, sampler, position)
     result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
@@ -211,10 +222,16 @@ def _update(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, sched
 
 def _restore(cfg, resume: ResumePoint, policy, optimizer, scheduler, sampler, accelerator,
              global_batch: int) -> tuple[int, int]:
-    """Load a checkpoint into the live objects; returns (step, global sample position)."""
-    checkpoint.load_model_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
-    state = checkpoint.load_training_state(resume.checkpoint_dir, optimizer, scheduler,
-                                           rank=accelerator.process_index)
+    """Restore optimizer, schedule, RNG and data position (weights are loaded already);
+    returns (step, global sample position). A sharded (FSDP) checkpoint's optimizer state is
+    resharded onto this world by torch.distributed.checkpoint."""
+    sharded_state = resume.checkpoint_dir / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER
+    if sharded_state.is_dir():
+        fsdp.load_sharded(policy, optimizer, sharded_state)
+    elif cfg.distributed.strategy == "fsdp":
+        raise UserError(f"{resume.checkpoint_dir} was saved without FSDP; resume it with distributed.strategy=ddp")
+    state = checkpoint.load_training_state(resume.checkpoint_dir, None if sharded_state.is_dir() else optimizer,
+                                           scheduler, rank=accelerator.process_index)
     if not cfg.resume.allow_changes:
         sampler.load_state_dict(state["sampler_state"])  # refuses a changed dataset or sampler
     saved_global = state.get("global_batch_size", global_batch)
@@ -244,21 +261,31 @@ class _Saver:
         self.cfg, self.checkpoints = cfg, run_dir / "checkpoints"
         self.accelerator, self.optimizer, self.scheduler, self.sampler = accelerator, optimizer, scheduler, sampler
         self.pusher, self.global_batch = pusher, global_batch
+        self.sharded = cfg.distributed.strategy == "fsdp"
         self.last: Path | None = None
 
     def save(self, policy, step: int) -> Path | None:
         from accelerate.utils import gather_object
 
         rng_states = gather_object([checkpoint.rng_state()])  # every process's, in rank order
+        model = self.accelerator.unwrap_model(policy)
+        save_pretrained, optimizer = model.save_pretrained, self.optimizer
+        if self.sharded:  # every process writes its shard, then the main process publishes
+            full = fsdp.full_state_dict(model)
+            staging = checkpoint.staging_path(self.checkpoints, step, self.cfg.steps)
+            if self.accelerator.is_main_process:
+                checkpoint.prepare_staging(staging)
+            self.accelerator.wait_for_everyone()
+            fsdp.save_sharded(model, self.optimizer, staging / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER)
+            save_pretrained, optimizer = (lambda folder: model.save_pretrained(folder, state_dict=full)), None
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
         position = step * self.global_batch
         self.sampler.seek(position)
         self.last = checkpoint.save(
-            self.checkpoints, step=step, total_steps=self.cfg.steps,
-            save_pretrained=self.accelerator.unwrap_model(policy).save_pretrained,
-            optimizer=self.optimizer, scheduler=self.scheduler, train_config=to_dict(self.cfg),
+            self.checkpoints, step=step, total_steps=self.cfg.steps, save_pretrained=save_pretrained,
+            staged=self.sharded, optimizer=optimizer, scheduler=self.scheduler, train_config=to_dict(self.cfg),
             training_step={"num_processes": self.accelerator.num_processes, "batch_size": self.cfg.batch_size,
                            "global_batch_size": self.global_batch, "sample_position": position},
             sampler_state=self.sampler.state_dict(), fsync=self.cfg.checkpoint.fsync, rng_states=rng_states,

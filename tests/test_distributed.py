@@ -120,3 +120,86 @@ def test_ten_two_process_runs_in_a_row_exit_cleanly(module_cli, tmp_path):
         done = module_cli.run(*TINY, "steps=3", "distributed.processes=2", f"hydra.run.dir={tmp_path / str(attempt)}")
         assert done.returncode == 0, f"run {attempt}: {done.stderr[-3000:]}"
         assert (tmp_path / str(attempt) / "result.json").is_file()
+
+
+# No padded action targets (chunk 10): every process's loss is then a mean over the same
+# number of targets, so 1 and 2 processes compute the same gradients up to float sum order.
+FSDP = [*RUN, "distributed.strategy=fsdp", "sampler.drop_n_last_frames=9"]
+
+
+def dcp_state(folder: Path) -> dict:
+    """A sharded (DCP) checkpoint as plain tensors (tests only: this goes through torch.save)."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    target = folder.parent / "dcp.pt"
+    dcp_to_torch_save(str(folder), str(target))
+    return torch.load(target, weights_only=False)
+
+
+def flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from flatten(value, f"{prefix}{key}/")
+    elif hasattr(tree, "shape"):
+        yield prefix, tree
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(module_cli, tmp_path_factory) -> tuple[Path, str]:
+    run_dir = tmp_path_factory.mktemp("fsdp")
+    done = module_cli.run(*FSDP, "distributed.processes=2", "batch_size=8", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir, done.stdout + done.stderr
+
+
+def test_fsdp_shards_every_parameter_and_saves_sharded_plus_consolidated(fsdp_run):
+    run_dir, output = fsdp_run
+    assert "FSDP: 6 of 6 parameter tensors sharded as DTensors over 2 processes" in output
+    state = run_dir / "checkpoints" / "000020" / "training_state"
+    assert sorted(p.name for p in (state / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (state / "optimizer_state.safetensors").exists()
+    assert (run_dir / "checkpoints" / "000020" / "pretrained_model" / "model.safetensors").is_file()
+
+
+def test_fsdp_consolidated_model_loads_in_a_plain_process(fsdp_run):
+    from robotrain import policies
+
+    policy = policies.from_pretrained(fsdp_run[0] / "checkpoints" / "000020" / "pretrained_model")
+    assert sum(p.numel() for p in policy.parameters()) > 0
+
+
+def test_fsdp_resume_on_two_processes_is_bit_exact(module_cli, fsdp_run, tmp_path):
+    reference = fsdp_run[0]
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference / "checkpoints" / "000010", run_dir / "checkpoints" / "000010")
+    done = module_cli.run(*FSDP, "distributed.processes=2", "batch_size=8", f"hydra.run.dir={run_dir}", "resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    weights = "pretrained_model/model.safetensors"
+    a, b = (load_tensors(d / "checkpoints" / "000020" / weights) for d in (reference, run_dir))
+    assert all((a[k] == b[k]).all() for k in a)
+    sa, sb = (dict(flatten(dcp_state(d / "checkpoints" / "000020" / "training_state" / "dcp")))
+              for d in (reference, run_dir))
+    assert sa.keys() == sb.keys() and any("optim" in k for k in sa)
+    assert all((sa[k] == sb[k]).all() for k in sa)
+
+
+@pytest.mark.parametrize("processes, batch_size", [(1, 16), (2, 8)])
+def test_fsdp_resume_reshards_onto_another_number_of_processes(module_cli, fsdp_run, tmp_path, processes, batch_size):
+    import torch
+
+    reference = fsdp_run[0]
+    source = reference
+    if processes == 2:  # 1 -> 2: start from a 1-process FSDP checkpoint
+        source = tmp_path / "one"
+        assert module_cli.run(*FSDP, "batch_size=16", f"hydra.run.dir={source}").returncode == 0
+    run_dir = tmp_path / "run"
+    shutil.copytree(source / "checkpoints" / "000010", run_dir / "checkpoints" / "000010")
+    done = module_cli.run(*FSDP, f"distributed.processes={processes}", f"batch_size={batch_size}",
+                          f"hydra.run.dir={run_dir}", "resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert global_batches(run_dir, processes) == {s: b for s, b in global_batches(reference, 2).items() if s > 10}
+    a, b = (load_tensors(d / "checkpoints" / "000020" / "pretrained_model" / "model.safetensors")
+            for d in (reference, run_dir))
+    # Same batches, same optimizer state; only the order of float sums across processes differs.
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
