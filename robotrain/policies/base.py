@@ -77,6 +77,7 @@ class PolicyConfig:
     def to_lerobot_dict(self) -> dict[str, Any]:
         """config.json content: `type` first, then features, then the rest (LeRobot's order)."""
         body = asdict(self)
+        body.pop("pretrained_revision")  # robotrain's own field: LeRobot's config parser refuses unknown keys
         head = {key: body.pop(key) for key in ("type", "n_obs_steps", "input_features", "output_features")}
         head.update({"device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False,
                      "repo_id": None, "private": None, "tags": None, "license": None})
