@@ -160,13 +160,35 @@ class SchedulerConfig:
 
 @dataclass
 class PeftConfig:
-    """Parameter-efficient fine-tuning; `none` trains every parameter."""
+    """Parameter-efficient fine-tuning of a pretrained policy (`robotrain.peft`)."""
 
     method: str = "none"
-    """Adapter method; only `none` is available in this version."""
+    """none (train every parameter), lora, loha or lokr."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Adapter scaling (LoRA's lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the adapter path (LoRA) or per module (LoHa, LoKr)."""
+    init_type: str = "default"
+    """Adapter initialization: default, or LoRA's gaussian / pissa / olora / orthogonal ..."""
+    target_modules: Optional[Any] = None
+    """Modules to adapt: a list of names, a regex or `all-linear`; unset: the policy's defaults."""
+    modules_to_save: Optional[list[str]] = None
+    """Modules trained in full beside the adapters; unset: the policy's defaults."""
 
     def __post_init__(self) -> None:
-        _require(self.method == "none", f"peft.method {self.method!r} is not available yet; use peft=none")
+        _require(self.method in ("none", "lora", "loha", "lokr"),
+                 f"peft.method must be none, lora, loha or lokr, got {self.method!r}")
+        _require(self.r > 0, f"peft.r must be > 0, got {self.r}")
+        _require(0 <= self.dropout < 1, f"peft.dropout must be in [0, 1), got {self.dropout}")
+        _require(self.method != "lora" or self.init_type in _LORA_INITS,
+                 f"peft.init_type {self.init_type!r} is not a LoRA initialization; choose one of {', '.join(_LORA_INITS)}")
+        _require(self.method not in ("loha", "lokr") or self.init_type == "default",
+                 f"peft.init_type={self.init_type} is for LoRA; use peft.init_type=default with {self.method}")
+
+
+_LORA_INITS = ("default", "gaussian", "pissa", "olora", "orthogonal")
 
 
 _TIMEOUT = re.compile(r"^(\d+(\.\d+)?)([smhd]?)$")

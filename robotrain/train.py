@@ -21,13 +21,14 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
-from robotrain import checkpoint, data, distributed, fsdp, policies
+from robotrain import checkpoint, data, distributed, fsdp, peft, policies
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader
 from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
@@ -98,9 +99,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     # Policy, optimizer, schedule.
     # Policy (resumed weights are the consolidated ones, whatever the world size), sharded with
     # FSDP or replicated with DDP, then optimizer and schedule over its (possibly sharded) parameters.
-    policy = policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats)
+    policy = peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats), cfg.peft, cfg.policy)
     if resume is not None:
-        checkpoint.load_model_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
+        _load_resumed_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
+    if peft.is_adapted(policy):
+        log.info("%s adapters: %d of %d parameters trainable", cfg.peft.method, *peft.trainable_parameters(policy))
     sharded = cfg.distributed.strategy == "fsdp"
     if sharded:
         fsdp.shard(policy.to(accelerator.device), accelerator.device)
@@ -220,6 +223,14 @@ def _update(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, sched
     return loss, grad_norm
 
 
+def _load_resumed_weights(policy, pretrained_dir: Path) -> None:
+    """A checkpoint's weights: the adapter for a PEFT run, else the whole (consolidated) model."""
+    if peft.is_adapted(policy):
+        peft.load_adapter_weights(policy, pretrained_dir)
+    else:
+        checkpoint.load_model_weights(policy, pretrained_dir)
+
+
 def _restore(cfg, resume: ResumePoint, policy, optimizer, scheduler, sampler, accelerator,
              global_batch: int) -> tuple[int, int]:
     """Restore optimizer, schedule, RNG and data position (weights are loaded already);
@@ -269,7 +280,8 @@ class _Saver:
 
         rng_states = gather_object([checkpoint.rng_state()])  # every process's, in rank order
         model = self.accelerator.unwrap_model(policy)
-        save_pretrained, optimizer = model.save_pretrained, self.optimizer
+        writer = partial(peft.save_pretrained, model) if peft.is_adapted(model) else model.save_pretrained
+        save_pretrained, optimizer = writer, self.optimizer
         if self.sharded:  # every process writes its shard, then the main process publishes
             full = fsdp.full_state_dict(model)
             staging = checkpoint.staging_path(self.checkpoints, step, self.cfg.steps)
@@ -277,7 +289,7 @@ class _Saver:
                 checkpoint.prepare_staging(staging)
             self.accelerator.wait_for_everyone()
             fsdp.save_sharded(model, self.optimizer, staging / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER)
-            save_pretrained, optimizer = (lambda folder: model.save_pretrained(folder, state_dict=full)), None
+            save_pretrained, optimizer = partial(writer, state_dict=full), None
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None

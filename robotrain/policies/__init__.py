@@ -23,7 +23,10 @@ from robotrain.policies.base import (
 )
 
 _REGISTRY: dict[str, str] = {
+    "act": "robotrain.policies.act:ACTPolicy",
     "mlp": "robotrain.policies.mlp:MLPPolicy",
+    "smolvla": "robotrain.policies.smolvla:SmolVLAPolicy",
+    "diffusion": "robotrain.policies.diffusion:DiffusionPolicy",
 }
 
 
@@ -51,10 +54,32 @@ def make(config: PolicyConfig, meta_features: dict[str, dict], stats: dict[str, 
         output_features=config.output_features or outputs,
     )
     _check_features_in_dataset(config, meta_features)
+    folder = resolve_pretrained(config.pretrained_path, config.pretrained_revision) if config.pretrained_path else None
+    if folder is not None:
+        _check_type(folder, config.type)  # before building: a policy may fetch backbone weights
     policy = policy_class(config.type)(config, stats_to_tensors(stats))
-    if config.pretrained_path:
-        load_model_weights(policy, resolve_pretrained(config.pretrained_path, config.pretrained_revision))
-    return policy
+    return _load_weights(policy, folder, trainable=True) if folder is not None else policy
+
+
+def _check_type(folder: Path, policy_type: str) -> None:
+    config = folder / "config.json"
+    saved_type = json.loads(config.read_text()).get("type") if config.is_file() else None
+    if saved_type is not None and saved_type != policy_type:
+        raise UserError(f"{folder} holds a {saved_type} policy, not {policy_type}: use policy={saved_type}")
+
+
+def _load_weights(policy: Policy, folder: Path, trainable: bool):
+    """Weights of a pretrained_model/ folder into `policy`; an adapter folder loads its base
+    model first and returns the policy wrapped with the adapter (a peft.PeftModel)."""
+    from robotrain import peft
+
+    _check_type(folder, policy.config.type)
+    if not (folder / peft.ADAPTER_CONFIG).is_file():
+        load_model_weights(policy, folder)
+        return policy
+    base, revision = peft.adapter_base(folder)
+    _load_weights(policy, resolve_pretrained(base, revision), trainable=False)
+    return peft.load_adapter(policy, folder, trainable)
 
 
 def resolve_pretrained(path: str, revision: str | None = None) -> Path:
@@ -65,7 +90,8 @@ def resolve_pretrained(path: str, revision: str | None = None) -> Path:
 
     local = Path(path).expanduser()
     if local.exists():
-        if (local / "config.json").is_file():
+        if (local / "config.json").is_file() and ((local / "model.safetensors").is_file()
+                                                  or (local / "adapter_config.json").is_file()):
             return local
         if (local / checkpoint.PRETRAINED).is_dir():
             return local / checkpoint.PRETRAINED
@@ -104,6 +130,5 @@ def from_pretrained(directory: str | Path) -> Policy:
         raise UserError(f"{directory} is not a pretrained policy folder (no config.json)")
     config = load_config(directory)
     policy = policy_class(config.type)(config, read_processor_stats(directory))
-    load_model_weights(policy, directory)
-    return policy
+    return _load_weights(policy, directory, trainable=False)
 

@@ -204,6 +204,11 @@ class Policy(nn.Module):
             out[key] = self.normalizer.normalize(key, batch[key])
         return out
 
+    def peft_defaults(self) -> dict[str, Any]:
+        """Which modules `peft=lora|loha|lokr` adapts (`target_modules`: names, a regex or
+        `all-linear`) and which it trains in full (`modules_to_save`) for this policy."""
+        return {"target_modules": "all-linear", "modules_to_save": []}
+
     # -- acting -----------------------------------------------------------------------
     def reset(self) -> None:
         """Forget queued actions (call at the start of every episode)."""

@@ -1,0 +1,124 @@
+"""Parameter-efficient fine-tuning with the `peft` library: LoRA, LoHa and LoKr adapters on a
+pretrained policy.
+
+Users choose `peft.method`, `peft.r` and `peft.init_type`; which modules are adapted and
+which are trained in full come from the policy (`Policy.peft_defaults()`), unless
+`peft.target_modules` / `peft.modules_to_save` say otherwise (`all-linear` adapts every
+linear layer).
+
+A PEFT run's pretrained_model/ folder holds `adapter_config.json` + `adapter_model.safetensors`
+(never merged into the base) beside the policy's `config.json`, processor files and
+`train_config.json`; `adapter_config.json` names the base model (`base_model_name_or_path`,
+`revision`), so `peft.PeftModel.from_pretrained(policy, folder)` works on it, and
+`policy.pretrained_path=<that folder>` loads base + adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from robotrain.errors import UserError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def _peft_config(cfg, targets, modules_to_save):
+    import peft
+
+    common = {"target_modules": targets, "modules_to_save": modules_to_save or None}
+    if cfg.method == "lora":
+        init = cfg.init_type if cfg.init_type != "default" else True
+        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights=init, **common)
+    init = cfg.init_type if cfg.init_type != "default" else True
+    if cfg.method == "loha":
+        return peft.LoHaConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, init_weights=init, **common)
+    if cfg.method == "lokr":
+        return peft.LoKrConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, init_weights=init, **common)
+    raise UserError(f"peft.method {cfg.method!r} is unknown; use none, lora, loha or lokr")
+
+
+def apply(policy: nn.Module, cfg, policy_cfg) -> nn.Module:
+    """Wrap `policy` with an adapter (a `peft.PeftModel`); returns it unchanged for method none."""
+    if cfg.method == "none":
+        return policy
+    if not policy_cfg.pretrained_path:
+        raise UserError(f"peft={cfg.method} adapts a pretrained policy: set policy.pretrained_path=<folder or repo id>")
+    from peft import get_peft_model
+
+    if is_adapted(policy):  # policy.pretrained_path was an adapter folder: keep training that adapter
+        return policy
+    defaults = policy.peft_defaults()
+    targets = cfg.target_modules if cfg.target_modules is not None else defaults["target_modules"]
+    to_save = cfg.modules_to_save if cfg.modules_to_save is not None else defaults["modules_to_save"]
+    config = _peft_config(cfg, targets, to_save)
+    try:
+        model = get_peft_model(policy, config)
+    except ValueError as err:  # peft's "Target modules ... not found in the base model"
+        raise UserError(f"peft.target_modules={targets!r} matches no module of policy {policy_cfg.type} "
+                        f"({' '.join(str(err).split())[:160]})") from None
+    # get_peft_model overwrites these with the module's (absent) name: keep the base's identity.
+    model.peft_config["default"].base_model_name_or_path = policy_cfg.pretrained_path
+    model.peft_config["default"].revision = policy_cfg.pretrained_revision
+    return model
+
+
+def is_adapted(model: nn.Module) -> bool:
+    return type(model).__name__.startswith("PeftModel")  # without importing peft for plain runs
+
+
+def load_adapter(policy: nn.Module, directory: Path, trainable: bool) -> nn.Module:
+    """`policy` (holding the base weights) with the adapter saved in `directory`."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(policy, str(directory), is_trainable=trainable)
+
+
+def save_pretrained(model: nn.Module, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """A PEFT policy's pretrained_model/ folder: adapter files + the policy's config and processors.
+
+    `state_dict` is the full (e.g. FSDP-gathered) state dict to take the adapter from."""
+    from peft import get_peft_model_state_dict
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    policy = model.get_base_model()
+    policy.save_pretrained(directory, state_dict={})  # config.json + processor files
+    (directory / "model.safetensors").unlink(missing_ok=True)  # the base stays where it came from
+    adapter = get_peft_model_state_dict(model, state_dict=state_dict)
+    save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(directory / ADAPTER_WEIGHTS))
+    model.peft_config["default"].save_pretrained(str(directory))
+
+
+def load_adapter_weights(model: nn.Module, directory: Path) -> None:
+    """Put a saved adapter's weights into an adapted model (resume)."""
+    from peft import set_peft_model_state_dict
+
+    from robotrain.checkpoint import load_safetensors
+
+    result = set_peft_model_state_dict(model, load_safetensors(Path(directory) / ADAPTER_WEIGHTS))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise UserError(f"the adapter in {directory} does not fit this policy (unexpected {unexpected[:3]}); "
+                        "resume with the peft settings it was trained with")
+
+
+def adapter_base(directory: Path) -> tuple[str, str | None]:
+    """(base model path or repo id, revision) recorded in an adapter folder."""
+    config: dict[str, Any] = json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{directory}/{ADAPTER_CONFIG} does not name its base model (base_model_name_or_path)")
+    return base, config.get("revision")
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), total

@@ -1,0 +1,146 @@
+"""PEFT: adapters on a pretrained policy, saved as adapter files beside the policy config,
+loaded back (robotrain and peft's own PeftModel), resumed bit-exactly, and refused when
+they cannot apply."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from robotrain import peft as rpeft
+from robotrain import policies
+from tests.conftest import TINY, error_lines, load_tensors
+from tests.test_resume import assert_same_tensors
+
+RUN = [*TINY, "steps=20", "checkpoint.every=10", "policy.hidden_dim=32"]
+
+
+@pytest.fixture(scope="module")
+def base_run(module_cli, tmp_path_factory) -> Path:
+    """A pretrained MLP policy to fine-tune."""
+    run_dir = tmp_path_factory.mktemp("base")
+    done = module_cli.run(*RUN, f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def lora_run(module_cli, base_run, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("lora")
+    done = module_cli.run(*RUN, "peft=lora", "peft.r=4", f"policy.pretrained_path={base_run}", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
+def adapter_folder(run_dir: Path, step: int = 20) -> Path:
+    return run_dir / "checkpoints" / f"{step:06d}" / "pretrained_model"
+
+
+def test_a_peft_checkpoint_holds_the_adapter_and_the_policy_config_not_the_base(lora_run, base_run):
+    folder = adapter_folder(lora_run)
+    names = {p.name for p in folder.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.json", "train_config.json"} <= names
+    assert "model.safetensors" not in names
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_run) and config["peft_type"] == "LORA" and config["r"] == 4
+
+
+def test_training_leaves_the_base_weights_unchanged(lora_run, base_run):
+    model = policies.from_pretrained(adapter_folder(lora_run))
+    base = load_tensors(base_run / "checkpoints" / "000020" / "pretrained_model" / "model.safetensors")
+    for name, tensor in base.items():
+        module, leaf = name.rsplit(".", 1)
+        adapted = model.get_base_model().get_submodule(module)
+        adapted = getattr(adapted, "base_layer", adapted)
+        assert torch.equal(getattr(adapted, leaf), tensor), name
+
+
+def test_peft_models_own_loader_reads_the_folder(lora_run, base_run):
+    from peft import PeftModel
+
+    folder = adapter_folder(lora_run)
+    ours = policies.from_pretrained(folder)
+    base = policies.from_pretrained(base_run / "checkpoints" / "000020" / "pretrained_model")
+    theirs = PeftModel.from_pretrained(base, str(folder))
+    batch = {"observation.state": torch.randn(3, 4), "observation.image": torch.rand(3, 3, 32, 32)}
+    assert torch.equal(ours.predict_action_chunk(batch), theirs.predict_action_chunk(batch))
+
+
+def test_lora_trains_the_expected_number_of_parameters(base_run):
+    from robotrain.config import PeftConfig, parse
+
+    cfg = parse({"policy": {"type": "mlp", "hidden_dim": 32, "pretrained_path": str(base_run)},
+                 "dataset": {"repo_id": "robotrain/synthetic_reach", "root": None}})
+    folder = base_run / "checkpoints" / "000020" / "pretrained_model"
+    policy = policies.from_pretrained(folder)
+    linears = [m for m in policy.modules() if isinstance(m, torch.nn.Linear)]
+    expected = sum(4 * (m.in_features + m.out_features) for m in linears)  # all-linear, r=4, no bias
+    adapted = rpeft.apply(policy, PeftConfig(method="lora", r=4), cfg.policy)
+    assert rpeft.trainable_parameters(adapted)[0] == expected
+
+
+def test_peft_resume_is_bit_exact(module_cli, lora_run, base_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(lora_run / "checkpoints" / "000010", run_dir / "checkpoints" / "000010")
+    done = module_cli.run(*RUN, "peft=lora", "peft.r=4", f"policy.pretrained_path={base_run}",
+                          f"hydra.run.dir={run_dir}", "resume=auto")
+    assert done.returncode == 0, done.stderr
+    for name in ("pretrained_model/adapter_model.safetensors", "training_state/optimizer_state.safetensors"):
+        assert_same_tensors(load_tensors(lora_run / "checkpoints" / "000020" / name),
+                            load_tensors(run_dir / "checkpoints" / "000020" / name))
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+def test_other_adapter_methods_train(module_cli, base_run, tmp_path, method):
+    done = module_cli.run(*TINY, "steps=5", "policy.hidden_dim=32", f"peft={method}",
+                          f"policy.pretrained_path={base_run}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr
+    config = json.loads((adapter_folder(tmp_path / "run", 5) / "adapter_config.json").read_text())
+    assert config["peft_type"] == method.upper()
+
+
+def test_an_adapter_folder_as_pretrained_path_continues_training_that_adapter(module_cli, lora_run, tmp_path):
+    done = module_cli.run(*TINY, "steps=5", "policy.hidden_dim=32", "peft=lora", "peft.r=4",
+                          f"policy.pretrained_path={adapter_folder(lora_run)}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr
+    assert (adapter_folder(tmp_path / "run", 5) / "adapter_model.safetensors").is_file()
+
+
+BAD_PEFT = {
+    "peft on a policy trained from scratch": (["peft=lora"], "policy.pretrained_path"),
+    "unknown peft method": (["peft.method=dora"], "peft.method must be"),
+    "target modules matching nothing": (["peft=lora", "peft.target_modules=[no_such_layer]", "PRETRAINED"],
+                                        "matches no module"),
+    "pretrained path that is not a policy": (["policy.pretrained_path=/tmp"], "holds no pretrained_model"),
+    "pretrained policy of another type": (["policy=act", "PRETRAINED"], "holds a mlp policy, not act"),
+    "lora init for loha": (["peft=loha", "peft.init_type=pissa"], "is for LoRA"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PEFT))
+def test_bad_peft_input_is_one_line(cli, base_run, tmp_path, case):
+    overrides, expected = BAD_PEFT[case]
+    overrides = [f"policy.pretrained_path={base_run}" if o == "PRETRAINED" else o for o in overrides]
+    if "policy=act" not in overrides:
+        overrides = ["policy.hidden_dim=32", *overrides]
+    done = cli.run(*TINY, "steps=3", *overrides, f"hydra.run.dir={tmp_path / 'run'}")
+    lines = error_lines(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("robotrain: error:"), done.stderr
+    assert expected in lines[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_peft_run_pushes_the_adapter_not_the_base_weights(module_cli, hub, base_run, tmp_path):
+    repo = "user/peft-push"
+    env = {**module_cli.env, **hub.env}
+    cli = type(module_cli)(env=env, cwd=tmp_path)
+    done = cli.run(*TINY, "steps=5", "policy.hidden_dim=32", "peft=lora", f"policy.pretrained_path={base_run}",
+                   f"hub.repo_id={repo}", "hub.push_checkpoints=true", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr
+    files = hub.run_json(f"from huggingface_hub import HfApi; import json; print(json.dumps(HfApi().list_repo_files({repo!r})))")
+    assert "adapter_model.safetensors" in files and "config.json" in files
+    assert not any(f.endswith("model.safetensors") and "adapter" not in f for f in files)
