@@ -457,10 +457,13 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Register the schema Hydra composes `conf/config.yaml` against."""
+    """Register the schema Hydra composes `conf/config.yaml` against, and the --help resolvers."""
     from hydra.core.config_store import ConfigStore
 
+    from robotrain.help import register_resolvers
+
     ConfigStore.instance().store(name="robotrain_schema", node=TrainConfig)
+    register_resolvers(conf_dir())
 
 
 def parse(cfg: DictConfig | dict) -> TrainConfig:

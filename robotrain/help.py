@@ -1,0 +1,80 @@
+"""`python -m robotrain --help`: config groups and options, each with its one-line description.
+
+The descriptions are not written twice: a group option's is the first comment line of its
+YAML file in conf/, and an option's is the docstring line under its dataclass field in
+robotrain/config.py (or the selected policy's config class). Hydra's help template calls
+these through the `robotrain_help_groups` / `robotrain_help_options` resolvers.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from functools import lru_cache
+from pathlib import Path
+
+
+@lru_cache(maxsize=None)
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the docstring line written under it, for a dataclass and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, following in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)):
+                docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def options(cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, description) for every field, nested dataclasses expanded."""
+    rows = []
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rows += options(type(default), f"{prefix}{f.name}.")
+        elif f.name in docs:
+            rows.append((f"{prefix}{f.name}", docs[f.name]))
+    return rows
+
+
+def groups_text(conf_dir: Path) -> str:
+    """Each group option with the first comment line of its YAML file."""
+    lines = []
+    for group in sorted(p for p in conf_dir.iterdir() if p.is_dir()):
+        lines.append(f"{group.name}:")
+        for option in sorted(group.glob("*.yaml")):
+            first = option.read_text().splitlines()[0] if option.read_text() else ""
+            lines.append(f"  {group.name + '=' + option.stem:<26} {first.lstrip('# ').strip()}")
+    return "\n".join(lines)
+
+
+def options_text(policy_type: str) -> str:
+    from robotrain.config import TrainConfig
+    from robotrain.policies import policy_config_class
+
+    rows = [(k, d) for k, d in options(TrainConfig) if not k.startswith("policy")]
+    try:
+        rows += options(policy_config_class(policy_type), "policy.")
+    except Exception:  # an unknown policy type is reported when training starts, not in --help
+        pass
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {doc}" for key, doc in sorted(rows))
+
+
+def register_resolvers(conf_dir: Path) -> None:
+    from omegaconf import OmegaConf
+
+    def escaped(text: str) -> str:  # Hydra fills the template with string.Template: `$` is special
+        return text.replace("$", "$$")
+
+    if not OmegaConf.has_resolver("robotrain_help_groups"):
+        OmegaConf.register_new_resolver("robotrain_help_groups", lambda: escaped(groups_text(conf_dir)))
+        OmegaConf.register_new_resolver("robotrain_help_options",
+                                        lambda policy_type: escaped(options_text(str(policy_type))))
