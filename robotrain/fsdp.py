@@ -78,3 +78,21 @@ def load_sharded(policy: nn.Module, optimizer: torch.optim.Optimizer, folder: Pa
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(folder))
     set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def unsharded_copy(model: nn.Module, full: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain (unsharded) copy of a sharded policy with the gathered weights `full`, for work
+    that only the main process does (simulator evaluation): a sharded forward would need
+    every process to join its all-gathers."""
+    import copy
+
+    from robotrain import peft
+
+    base = model.get_base_model() if peft.is_adapted(model) else model
+    fresh = type(base)(base.config, base.stats)
+    if peft.is_adapted(model):
+        from peft import get_peft_model
+
+        fresh = get_peft_model(fresh, copy.deepcopy(model.peft_config["default"]))
+    fresh.load_state_dict(full, strict=True)
+    return fresh

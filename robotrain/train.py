@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from robotrain import checkpoint, data, distributed, fsdp, peft, policies
+from robotrain import checkpoint, data, distributed, fsdp, peft, policies, tracking
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader
 from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
@@ -85,6 +85,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
         log.setLevel(logging.WARNING)  # one voice per run
     seed_everything(cfg.seed)  # the same on every process: identical initial weights
     pusher = _make_pusher(cfg) if accelerator.is_main_process else None  # bad repo/token: fail now
+    if accelerator.is_main_process:
+        tracking.check_installed(cfg.tracker)  # a missing tracker package: fail now too
 
     # Data: the main process generates or checks the dataset once; the others wait, then read it.
     with accelerator.main_process_first():
@@ -123,11 +125,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     loader = _loader(cfg, accelerator, dataset, sampler, position)
     result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
                        is_main=accelerator.is_main_process)
-    saver = _Saver(cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch)
+    tracker = tracking.start(cfg, run_dir, resume, accelerator.unwrap_model(policy), accelerator.is_main_process)
+    saver = _Saver(cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch, tracker)
     samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
     metrics_log = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
     progress = Progress(cfg.steps, step, cfg.log_every, enabled=accelerator.is_main_process)
-    evaluator = _Evaluator(cfg, accelerator, result, metrics_log, progress)
+    evaluator = _Evaluator(cfg, accelerator, result, metrics_log, progress, tracker, run_dir)
     if resume is None and cfg.eval.at_start:
         evaluator.run(policy, step, label="untrained")
 
@@ -148,6 +151,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     metrics = result.last_metrics = window.flush(scheduler.get_last_lr()[0], global_batch)
                     metrics_log.write(step, metrics)
+                    tracker.log(step, metrics)
                 progress.update(step, metrics)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
                     evaluator.run(policy, step)
@@ -169,6 +173,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
             samples.close()
         progress.close()
         metrics_log.close()
+        tracker.close()
         result.not_pushed = saver.close()
     result.seconds = time.perf_counter() - started
     if accelerator.is_main_process:
@@ -268,10 +273,10 @@ class _Saver:
     """Checkpoints on the main process: save atomically, queue the upload, prune what is
     both old and already pushed."""
 
-    def __init__(self, cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch):
+    def __init__(self, cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch, tracker):
         self.cfg, self.checkpoints = cfg, run_dir / "checkpoints"
         self.accelerator, self.optimizer, self.scheduler, self.sampler = accelerator, optimizer, scheduler, sampler
-        self.pusher, self.global_batch = pusher, global_batch
+        self.pusher, self.global_batch, self.tracker = pusher, global_batch, tracker
         self.sharded = cfg.distributed.strategy == "fsdp"
         self.last: Path | None = None
 
@@ -301,6 +306,7 @@ class _Saver:
             training_step={"num_processes": self.accelerator.num_processes, "batch_size": self.cfg.batch_size,
                            "global_batch_size": self.global_batch, "sample_position": position},
             sampler_state=self.sampler.state_dict(), fsync=self.cfg.checkpoint.fsync, rng_states=rng_states,
+            extra_state=self.tracker.training_state(),
         )
         protect: frozenset[str] = frozenset()
         if self.pusher is not None and self.cfg.hub.push_checkpoints:
@@ -371,25 +377,36 @@ class _Window:
 
 
 class _Evaluator:
-    """Runs simulator rollouts when the dataset is the embedded task (main process only)."""
+    """Runs simulator rollouts when the dataset is the embedded task (main process only), and
+    saves the first episodes as `<run_dir>/eval/step_<n>.gif` for a person to watch."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, result: RunResult, metrics_log, progress):
+    def __init__(self, cfg: TrainConfig, accelerator, result: RunResult, metrics_log, progress, tracker, run_dir):
         self.cfg, self.accelerator, self.result = cfg, accelerator, result
-        self.metrics_log, self.progress = metrics_log, progress
+        self.metrics_log, self.progress, self.tracker, self.videos = metrics_log, progress, tracker, run_dir / "eval"
         self.enabled = cfg.eval.enabled and cfg.dataset.is_synthetic
 
     def run(self, policy, step: int, label: str = "") -> None:
-        if not self.enabled or not self.accelerator.is_main_process:
+        if not self.enabled:
+            return
+        model = self.accelerator.unwrap_model(policy)
+        if self.cfg.distributed.strategy == "fsdp":  # every process gathers; the main one evaluates a copy
+            full = fsdp.full_state_dict(model)
+            model = fsdp.unsharded_copy(model, full) if self.accelerator.is_main_process else None
+        if not self.accelerator.is_main_process:
             return
         from robotrain.eval import evaluate
 
         outcome = evaluate(
-            self.accelerator.unwrap_model(policy), episodes=self.cfg.eval.episodes,
+            model, episodes=self.cfg.eval.episodes,
             max_steps=self.cfg.eval.max_steps, seed=self.cfg.eval.seed,
-            image_size=self.cfg.dataset.synthetic.image_size,
+            image_size=self.cfg.dataset.synthetic.image_size, record=self.cfg.eval.video_episodes,
+            render_size=self.cfg.eval.video_size,
         )
         self.result.evals[step] = outcome.as_metrics()
         self.metrics_log.write(step, outcome.as_metrics())
+        self.tracker.log(step, outcome.as_metrics())
+        if outcome.frames is not None:
+            self.tracker.log_video(step, "eval/video", outcome.save_video(self.videos / f"step_{step:06d}.gif"))
         name = f" ({label})" if label else ""
         self.progress.write(
             f"eval at step {step}{name}: success rate {outcome.success_rate:.2f} over {outcome.episodes} episodes"

@@ -1,0 +1,126 @@
+"""Every example command in README.md runs: the test reads the ```bash blocks of the Examples
+section, shrinks the runs (few steps, a small dataset) and points them at the local stand-ins:
+the Hub emulator, the HF Jobs emulator, the real single-node SLURM cluster, a tiny offline
+SmolVLA and a LeRobot dataset from tests/data."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+#: What every example gets, replacing the README's own values for these keys.
+SHRINK = {"steps": "4", "batch_size": "8", "dataset.synthetic.num_episodes": "20", "eval.episodes": "4",
+          "log_every": "2", "checkpoint.every": "2", "scheduler.warmup_steps": "1"}
+TINY_DATASET = REPO_ROOT / "tests" / "data" / "lerobot_v3_tiny"
+
+
+def example_blocks() -> list[list[str]]:
+    text = (REPO_ROOT / "README.md").read_text()
+    examples = text.split("## Examples", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", examples, re.S)
+    return [[line.strip() for line in block.splitlines() if line.strip()] for block in blocks]
+
+
+BLOCKS = example_blocks()
+
+
+def test_the_readme_has_examples_for_every_feature():
+    commands = " ".join(" ".join(b) for b in BLOCKS)
+    for feature in ("peft=lora", "job=slurm", "job=hf", "resume=hub:", "hub.push_checkpoints=true",
+                    "dataset=hub", "distributed.processes=2", "torchrun", "tracker="):
+        assert feature in commands, feature
+
+
+class StandIns:
+    """Maps a README command onto this machine's stand-ins; one per test."""
+
+    def __init__(self, tmp_path: Path, hub, smolvla: tuple[Path, Path, list[str]] | None):
+        self.tmp, self.hub, self.smolvla = tmp_path, hub, smolvla
+        self.repo = f"you/reach-mlp-{tmp_path.name[-24:].replace('_', '-')}"
+
+    def argv(self, command: str, index: int) -> list[str]:
+        command = command.replace("you/reach-mlp", self.repo).replace("@1000", "@2")
+        words = command.split()
+        if words[0] == "torchrun":  # run as the module, from this interpreter
+            words = ["-m", "torch.distributed.run", *words[1:]]
+        else:
+            assert words[:3] == ["python", "-m", "robotrain"], command
+            words = words[1:]
+        head, args = words[: words.index("robotrain") + 1], words[words.index("robotrain") + 1:]
+        args = [self._local(a) for a in args if a.split("=", 1)[0] not in SHRINK or a.startswith("steps=4000")]
+        args = ["steps=8" if a.startswith("steps=4000") else a for a in args]
+        if "lerobot/smolvla_base" in command:
+            args += [f"policy.vlm_model_name={self.smolvla[0]}", *self.smolvla[2]]
+        shrink = [f"{k}={v}" for k, v in SHRINK.items() if not any(a.startswith(f"{k}=") for a in args)]
+        if any(a.startswith("job=hf") for a in args):
+            shrink.append(f"+job.env.ROBOTRAIN_CACHE={self.tmp / 'cache'}")
+        extra = [] if any(a.startswith("hydra.run.dir=") for a in args) else [f"hydra.run.dir={self.tmp / str(index)}"]
+        if "-m" in args:  # a sweep: its points share a sweep dir instead
+            extra = [f"hydra.sweep.dir={self.tmp / 'sweep'}"]
+        return [*head, *args, *shrink, *extra]
+
+    def _local(self, arg: str) -> str:
+        if arg.startswith("dataset.root=/path/to/"):
+            return f"dataset.root={TINY_DATASET}"
+        if arg == "policy.pretrained_path=lerobot/smolvla_base":
+            return f"policy.pretrained_path={self.smolvla[1]}"
+        if arg.startswith("hydra.run.dir=outputs/"):
+            return f"hydra.run.dir={self.tmp / arg.split('/', 1)[1]}"
+        return arg
+
+
+@pytest.fixture(scope="module")
+def smolvla(module_cli, tmp_path_factory):
+    """A tiny SmolVLM folder and a tiny pretrained SmolVLA, offline, for the LoRA example."""
+    from tests.smolvlm_tiny import build_tiny_smolvlm
+    from tests.test_policy_smolvla import TINY_CLI
+
+    vlm = build_tiny_smolvlm(tmp_path_factory.mktemp("vlm") / "tiny_smolvlm")
+    run_dir = tmp_path_factory.mktemp("smolvla_base")
+    done = module_cli.run("policy=smolvla", f"policy.vlm_model_name={vlm}", *TINY_CLI, "steps=2", "batch_size=4",
+                          "eval.enabled=false", "dataset.synthetic.num_episodes=20", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return vlm, run_dir / "checkpoints" / "000002" / "pretrained_model", TINY_CLI
+
+
+def _needs(block: list[str]) -> set[str]:
+    text = " ".join(block)
+    return {name for name, marker in (("slurm", "job=slurm"), ("smolvla", "smolvla_base")) if marker in text}
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[b[0][:60] for b in BLOCKS])
+def test_readme_example_runs(block, request, cli, hub, tmp_path):
+    if "slurm" in _needs(block):
+        request.getfixturevalue("slurm")
+    smolvla = request.getfixturevalue("smolvla") if "smolvla" in _needs(block) else None
+    cli.env.update(hub.env)
+    cli.env["HF_LEROBOT_HOME"] = str(tmp_path / "lerobot")
+    cli.env["ROBOTRAIN_CACHE"] = str(tmp_path / "cache")
+    if any("dataset=hub" in c for c in block):
+        _upload_dataset(hub, "lerobot/my_dataset")
+    stand_ins = StandIns(tmp_path, hub, smolvla)
+    for index, command in enumerate(block):
+        argv = stand_ins.argv(command, index)
+        done = cli.run(*argv[2:]) if argv[:2] == ["-m", "robotrain"] else _run_module(cli, argv)
+        assert done.returncode == 0, f"{command}\n-> {' '.join(argv)}\n{done.stderr[-3000:]}"
+
+
+def _run_module(cli, argv: list[str]):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, *argv], cwd=cli.cwd, env=cli.env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _upload_dataset(hub, repo: str) -> None:
+    hub.run_python(f"""
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo({repo!r}, repo_type="dataset", exist_ok=True)
+        api.upload_folder(repo_id={repo!r}, repo_type="dataset", folder_path={str(TINY_DATASET)!r})
+    """)
