@@ -71,6 +71,7 @@ def save(
     fsync: bool = True,
     rng_states: list[dict[str, torch.Tensor]] | None = None,
     staged: bool = False,
+    extra_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically; returns its folder.
 
@@ -78,6 +79,7 @@ def save(
     so that wrapped (DDP/FSDP/PEFT) models decide how their weights are gathered.
     `rng_states` holds every process's RNG state (rank 0's goes to LeRobot's
     rng_state.safetensors, rank r's to rng_state_rank<r>.safetensors); default: this process's.
+    `extra_state` adds JSON files to training_state/, by file name (e.g. the tracker's tracker.json).
     """
     checkpoints_dir = Path(checkpoints_dir)
     final = checkpoints_dir / step_folder_name(step, total_steps)
@@ -95,6 +97,8 @@ def save(
     for rank, states in enumerate(rng_states or [rng_state()]):
         save_file(states, str(state / rng_file_name(rank)))
     _write_json(state / "sampler_state.json", sampler_state)
+    for name, data in (extra_state or {}).items():
+        _write_json(state / name, data)
     if fsync:
         _fsync_tree(tmp)
     _publish(tmp, final, fsync)

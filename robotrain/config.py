@@ -357,11 +357,50 @@ class EvalConfig:
     """Seed of the evaluation episodes (independent of training randomness)."""
     enabled: bool = True
     """Set false to skip evaluation entirely."""
+    video_episodes: int = 1
+    """Episodes drawn side by side into `<run_dir>/eval/step_<n>.gif` (and sent to the tracker); 0: no video."""
+    video_size: int = 128
+    """Side of each episode's square in the video, in pixels (the policy still sees the dataset's image size)."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
         _require(self.episodes > 0, f"eval.episodes must be > 0, got {self.episodes}")
         _require(self.max_steps > 0, f"eval.max_steps must be > 0, got {self.max_steps}")
+        _require(0 <= self.video_episodes <= self.episodes,
+                 f"eval.video_episodes must be in [0, eval.episodes={self.episodes}], got {self.video_episodes}")
+        _require(16 <= self.video_size <= 1024, f"eval.video_size must be in [16, 1024], got {self.video_size}")
+
+
+@dataclass
+class TrackerConfig:
+    """Experiment tracking beside metrics.jsonl: metrics, the config and eval videos (`robotrain.tracking`)."""
+
+    name: str = "none"
+    """none, tensorboard, wandb or trackio (each needs `pip install 'robotrain[trackers]'`)."""
+    project: str = "robotrain"
+    """Project the run belongs to (wandb, trackio)."""
+    run_name: Optional[str] = None
+    """Name of the run (wandb display name, trackio run, folder under tracker.dir); unset: generated / the run dir's."""
+    entity: Optional[str] = None
+    """wandb user or team; unset: your default entity."""
+    mode: Optional[str] = None
+    """wandb mode: online, or offline (upload later with `wandb sync`); unset: $WANDB_MODE, else online."""
+    dir: Optional[str] = None
+    """Folder for tensorboard's or wandb's local files; unset: the run dir (wandb: $WANDB_DIR if set)."""
+
+    def __post_init__(self) -> None:
+        _require(self.name in _TRACKERS, f"tracker must be one of {', '.join(_TRACKERS)}, got {self.name!r}")
+        _require(bool(self.project), "tracker.project must not be empty")
+        _require(self.mode in (None, "online", "offline"),
+                 f"tracker.mode must be online or offline, got {self.mode!r}")
+        for key in ("mode", "entity"):
+            _require(getattr(self, key) is None or self.name == "wandb",
+                     f"tracker.{key} is a wandb setting and does nothing with tracker={self.name}; drop it")
+        _require(self.dir is None or self.name != "trackio",
+                 "trackio keeps its data in $TRACKIO_DIR: set that environment variable instead of tracker.dir")
+
+
+_TRACKERS = ("none", "tensorboard", "wandb", "trackio")
 
 
 @dataclass
@@ -428,6 +467,8 @@ class TrainConfig:
     """Checkpoint cadence and retention."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation in the embedded simulator."""
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    """Experiment tracker (tensorboard, wandb, trackio) the main process logs to."""
     hub: HubConfig = field(default_factory=HubConfig)
     """Pushing checkpoints and the final model to the Hub."""
     resume: ResumeConfig = field(default_factory=ResumeConfig)
