@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,10 @@ class Progress:
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+            # A terminal that reports no size (some multiplexers, `script`) would hide the bar.
+            sized = _terminal_columns() > 0
+            self.bar = tqdm(total=total, initial=start, unit="step", file=sys.stderr,
+                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24)
         self.enabled = enabled
 
     def update(self, step: int, metrics: dict[str, float] | None) -> None:
@@ -65,6 +69,13 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def _terminal_columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError):
+        return 0
 
 
 def _duration(seconds: float) -> str:

@@ -55,3 +55,29 @@ def test_feistel_sampler_trains(cli, tmp_path):
     assert done.returncode == 0, done.stderr
     state = json.loads((tmp_path / "run" / "checkpoints" / "000006" / "training_state" / "sampler_state.json").read_text())
     assert state["permutation"] == "feistel"
+
+
+def test_a_terminal_gets_a_progress_bar_with_loss_and_eta(cli, tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "robotrain", *TINY, "steps=40", f"hydra.run.dir={tmp_path / 'run'}"],
+                            stdin=follower, stdout=follower, stderr=follower, env=cli.env, cwd=tmp_path)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    proc.wait(timeout=120)
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text[-2000:]
+    assert "40/40" in text and "step/s" in text and "loss=" in text and "\r" in text
+    assert "step 5/40  loss" not in text  # no per-window log lines on a terminal
