@@ -38,8 +38,9 @@ torch, accelerate or robotrain.train.
 
    The emulator runs at nice 19: its own work (base64 decoding, hashing, writing blobs) belongs to
    the Hub's servers, not to the training machine, and on this 2-core machine it would otherwise
-   compete with training for a core. The client's work stays where it really is: in the training
-   process, on the pusher thread.
+   compete with training for a core. The client's work stays where it really is: in the pusher's
+   upload child process (robotrain.hub runs each commit there, niced, so that huggingface_hub's
+   Python-level encoding never holds the training process's GIL).
 
    How a run is timed: the metrics.jsonl stamps (wall clock, written when a log window closes,
    before that step's checkpoint is saved) at the checkpoint steps split the run into checkpoint
@@ -56,8 +57,8 @@ torch, accelerate or robotrain.train.
    Where the time goes: the watcher also samples the training (main) thread's scheduler counters
    (Linux /proc/self/task/<tid>/schedstat), and a detail line splits its time per interval into on
    a CPU / waiting for a CPU (other threads, processes, tenants) / blocked (neither: waiting for
-   the GIL, for the data prefetch thread, for I/O). The push side's extra "blocked" time is the
-   pusher thread holding the GIL; its extra "waiting" time is CPU the push takes from training.
+   the GIL, for the data prefetch thread, for I/O). Extra "blocked" time on the push side would be
+   the pusher holding the GIL; extra "waiting" time is CPU the upload child takes from training.
 
    Not emulated: LFS/Xet. The emulator answers "regular" to every preupload, so huggingface_hub
    sends each file base64-encoded inside the NDJSON commit, which it builds in Python. Against the
@@ -72,8 +73,8 @@ torch, accelerate or robotrain.train.
    the pushing run. Printed: their ratio, target <= 1.05 (and every downloaded file must lie in
    that checkpoint's folder).
 
-`--profile` also prints a cProfile of the pusher thread's uploads in one extra push run (by
-tottime): the calls there that do not release the GIL are what the training thread waits for.
+`--profile` also prints a cProfile of the pusher thread in one extra push run (by tottime); since
+the commits run in the upload child, it shows the parent's side only (queueing, tags, waiting).
 """
 
 from __future__ import annotations
