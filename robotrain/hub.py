@@ -605,9 +605,10 @@ def _commit_final(repo_id: str, folder: Path, card: str, message: str) -> str:
 
 
 def _add_operations(folder: Path, prefix: str) -> list[CommitOperationAdd]:
-    """Every file under `folder` (hidden entries such as .cache/ left out), at `prefix` + its relative path."""
+    """Every file under `folder` (but huggingface_hub's .cache/ bookkeeping), at `prefix` + its relative
+    path; hidden files belong to the checkpoint (FSDP's training_state/dcp/.metadata)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+                   and ".cache" not in p.relative_to(folder).parts)
     return [CommitOperationAdd(path_in_repo=prefix + p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
             for p in files]
 

@@ -16,6 +16,7 @@ A PEFT run's pretrained_model/ folder holds `adapter_config.json` + `adapter_mod
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,11 @@ def apply(policy: nn.Module, cfg, policy_cfg) -> nn.Module:
 
 
 def is_adapted(model: nn.Module) -> bool:
-    return type(model).__name__.startswith("PeftModel")  # without importing peft for plain runs
+    if "peft" not in sys.modules:  # nothing can be adapted, and plain runs never import peft
+        return False
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)  # also once FSDP has subclassed it (FSDPPeftModel)
 
 
 def load_adapter(policy: nn.Module, directory: Path, trainable: bool) -> nn.Module:

@@ -203,3 +203,45 @@ def test_fsdp_resume_reshards_onto_another_number_of_processes(module_cli, fsdp_
             for d in (reference, run_dir))
     # Same batches, same optimizer state; only the order of float sums across processes differs.
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.fixture(scope="module")
+def pretrained_mlp(module_cli, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("base")
+    assert module_cli.run(*TINY, "steps=5", "policy.hidden_dim=32", f"hydra.run.dir={run_dir}").returncode == 0
+    return run_dir
+
+
+def test_lora_under_fsdp_trains_saves_the_gathered_adapter_and_resumes(module_cli, pretrained_mlp, tmp_path):
+    from robotrain import policies
+
+    lora = ["peft=lora", "peft.r=4", f"policy.pretrained_path={pretrained_mlp}", "policy.hidden_dim=32"]
+    args = [*FSDP, *lora, "distributed.processes=2", "batch_size=8"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    done = module_cli.run(*args, f"hydra.run.dir={first}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FSDP: 12 of 12 parameter tensors sharded" in done.stdout + done.stderr
+    folder = first / "checkpoints" / "000020" / "pretrained_model"
+    adapter = load_tensors(folder / "adapter_model.safetensors")
+    assert adapter["base_model.model.net.0.lora_A.weight"].shape == (4, 196)  # whole, not a shard
+    policies.from_pretrained(folder)  # loads in a plain process
+
+    shutil.copytree(first / "checkpoints" / "000010", second / "checkpoints" / "000010")
+    done = module_cli.run(*args, f"hydra.run.dir={second}", "resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = load_tensors(second / "checkpoints" / "000020" / "pretrained_model" / "adapter_model.safetensors")
+    assert all((adapter[k] == resumed[k]).all() for k in adapter)
+
+
+def test_an_fsdp_run_pushes_the_lerobot_layout_to_the_hub(module_cli, hub, tmp_path):
+    repo = "user/fsdp-push"
+    cli = type(module_cli)(env={**module_cli.env, **hub.env}, cwd=tmp_path)
+    done = cli.run(*FSDP, "steps=10", "distributed.processes=2", "batch_size=8", f"hub.repo_id={repo}",
+                   "hub.push_checkpoints=true", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = set(hub.run_json(f"import json; from huggingface_hub import HfApi; "
+                             f"print(json.dumps(HfApi().list_repo_files({repo!r})))"))
+    assert {"model.safetensors", "config.json", "train_config.json"} <= files  # the final, consolidated model
+    step = "checkpoints/000010"
+    assert {f"{step}/pretrained_model/model.safetensors", f"{step}/training_state/dcp/.metadata",
+            f"{step}/training_state/dcp/__0_0.distcp", f"{step}/training_state/dcp/__1_0.distcp"} <= files
