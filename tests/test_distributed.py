@@ -245,3 +245,21 @@ def test_an_fsdp_run_pushes_the_lerobot_layout_to_the_hub(module_cli, hub, tmp_p
     step = "checkpoints/000010"
     assert {f"{step}/pretrained_model/model.safetensors", f"{step}/training_state/dcp/.metadata",
             f"{step}/training_state/dcp/__0_0.distcp", f"{step}/training_state/dcp/__1_0.distcp"} <= files
+
+
+def test_accelerate_launch_and_torchrun_run_data_parallel(module_cli, tmp_path):
+    import subprocess
+    import sys
+
+    launchers = {
+        "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    }
+    for name, launcher in launchers.items():
+        run_dir = tmp_path / name
+        done = subprocess.run([*launcher, "-m", "robotrain", *TINY, "steps=4", f"hydra.run.dir={run_dir}"],
+                              env={**module_cli.env, "ACCELERATE_USE_CPU": "1"}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{name}: {done.stderr[-3000:]}"
+        info = json.loads((run_dir / "checkpoints" / "000004" / "training_state" / "training_step.json").read_text())
+        assert info["num_processes"] == 2 and info["global_batch_size"] == 16, name
