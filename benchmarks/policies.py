@@ -23,9 +23,9 @@ RUNS = {
     "act": ["policy=act", "policy.pretrained_backbone_weights=null", "policy.dim_model=64", "policy.n_heads=4",
             "policy.dim_feedforward=256", "policy.chunk_size=10", "policy.n_action_steps=5", "optim.lr=3e-4",
             "steps=500", "batch_size=32"],
-    "diffusion": ["policy=diffusion", "policy.pretrained_backbone_weights=null", "policy.crop_shape=[28,28]",
-                  "policy.down_dims=[64,128]", "policy.n_obs_steps=2", "policy.horizon=8", "policy.n_action_steps=4",
-                  "policy.num_inference_steps=10", "optim.lr=1e-3", "steps=800", "batch_size=32"],
+    "diffusion": ["policy=diffusion", "policy.n_obs_steps=1", "policy.n_action_steps=4", "policy.down_dims=[64,128,256]",
+                  "policy.diffusion_step_embed_dim=64", "policy.noise_scheduler_type=DDIM",
+                  "policy.num_inference_steps=10", "optim.lr=1e-3", "batch_size=32", "steps=800"],
 }
 
 

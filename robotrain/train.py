@@ -95,7 +95,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     sampler = EpisodeAwareSampler(
         *dataset.episode_bounds, seed=cfg.seed, shuffle=cfg.sampler.shuffle,
         permutation=cfg.sampler.permutation, drop_n_first_frames=cfg.sampler.drop_n_first_frames,
-        drop_n_last_frames=cfg.sampler.drop_n_last_frames,
+        # A policy may ask for more (LeRobot's Diffusion: its action horizon reaches past the end).
+        drop_n_last_frames=max(cfg.sampler.drop_n_last_frames, getattr(cfg.policy, "drop_n_last_frames", 0)),
     )
 
     # Policy, optimizer, schedule.
