@@ -144,3 +144,38 @@ def test_a_peft_run_pushes_the_adapter_not_the_base_weights(module_cli, hub, bas
     files = hub.run_json(f"from huggingface_hub import HfApi; import json; print(json.dumps(HfApi().list_repo_files({repo!r})))")
     assert "adapter_model.safetensors" in files and "config.json" in files
     assert not any(f.endswith("model.safetensors") and "adapter" not in f for f in files)
+
+
+TINY_POLICIES = {
+    "act": {"dim_model": 32, "n_heads": 2, "dim_feedforward": 64, "n_encoder_layers": 1, "n_decoder_layers": 1,
+            "n_vae_encoder_layers": 1, "latent_dim": 8, "pretrained_backbone_weights": None},
+    "diffusion": {"crop_shape": [28, 28], "down_dims": [64, 128], "horizon": 8, "n_action_steps": 4},
+}
+
+
+def lora_size(module: torch.nn.Module, r: int) -> int:
+    """Parameters LoRA adds to one Linear or Conv1d (A: in -> r over the kernel, B: r -> out)."""
+    if isinstance(module, torch.nn.Conv1d):
+        return r * module.in_channels * module.kernel_size[0] + module.out_channels * r
+    return r * (module.in_features + module.out_features)
+
+
+@pytest.mark.parametrize("policy_type", sorted(TINY_POLICIES))
+def test_each_policys_lora_default_trains_the_expected_parameters(policy_type):
+    import re
+
+    from robotrain.config import PeftConfig, parse
+    from robotrain.data.lerobot_format import load_meta
+
+    meta = load_meta(Path(__file__).parent / "data" / "lerobot_v3_tiny")
+    cfg = parse({"policy": {"type": policy_type, **TINY_POLICIES[policy_type], "pretrained_path": "x"},
+                 "dataset": {"repo_id": "user/tiny", "root": "x"}})
+    scratch = parse({"policy": {"type": policy_type, **TINY_POLICIES[policy_type]},
+                     "dataset": {"repo_id": "user/tiny", "root": "x"}})
+    policy = policies.make(scratch.policy, meta.features, meta.stats)
+    defaults = policy.peft_defaults()
+    adapted = [m for n, m in policy.named_modules() if re.fullmatch(defaults["target_modules"], n)]
+    saved = sum(p.numel() for n in defaults["modules_to_save"] for p in policy.get_submodule(n).parameters())
+    expected = sum(lora_size(m, 4) for m in adapted) + saved
+    model = rpeft.apply(policy, PeftConfig(method="lora", r=4), cfg.policy)
+    assert adapted and rpeft.trainable_parameters(model)[0] == expected

@@ -134,6 +134,13 @@ class ACTPolicy(Policy):
     name = "act"
     config_class = ACTConfig
 
+    def peft_defaults(self) -> dict:
+        """Adapters on the transformer (attention output and feed-forward projections of the
+        encoder and decoder); the action head, which maps to this dataset's actions, is trained
+        in full. The backbone and the VAE encoder (training-time only) stay frozen."""
+        return {"target_modules": r"model\.(encoder|decoder)\.layers\.\d+\.(self_attn\.out_proj|multihead_attn\.out_proj|linear1|linear2)",
+                "modules_to_save": ["model.action_head"]}
+
     def __init__(self, config: ACTConfig, stats):
         super().__init__(config, stats)
         self.model = ACT(config)

@@ -558,6 +558,13 @@ class DiffusionPolicy(Policy):
     name = "diffusion"
     config_class = DiffusionConfig
 
+    def peft_defaults(self) -> dict:
+        """Adapters on the denoising U-Net's residual-block convolutions and their FiLM
+        conditioning; the image encoder's output projection and the U-Net's final convolution
+        are trained in full."""
+        return {"target_modules": r"diffusion\.unet\..*\.(conv1\.block\.0|conv2\.block\.0|cond_encoder\.1)",
+                "modules_to_save": ["diffusion.rgb_encoder.out", "diffusion.unet.final_conv.1"]}
+
     def __init__(self, config: DiffusionConfig, stats):
         super().__init__(config, stats)
         config.validate_features()
