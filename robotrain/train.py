@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,19 +100,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
         drop_n_last_frames=max(cfg.sampler.drop_n_last_frames, getattr(cfg.policy, "drop_n_last_frames", 0)),
     )
 
-    # Policy, optimizer, schedule.
-    # Policy (resumed weights are the consolidated ones, whatever the world size), sharded with
-    # FSDP or replicated with DDP, then optimizer and schedule over its (possibly sharded) parameters.
-    policy = peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats), cfg.peft, cfg.policy)
-    if resume is not None:
-        _load_resumed_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
-    if peft.is_adapted(policy):
-        log.info("%s adapters: %d of %d parameters trainable", cfg.peft.method, *peft.trainable_parameters(policy))
-    sharded = cfg.distributed.strategy == "fsdp"
-    if sharded:
-        fsdp.shard(policy.to(accelerator.device), accelerator.device)
-        log.info("FSDP: %d of %d parameter tensors sharded as DTensors over %d processes",
-                 fsdp.sharded_count(policy), len(list(policy.parameters())), accelerator.num_processes)
+    # Policy (adapted, resumed, sharded or replicated), optimizer and schedule; then the data position.
+    policy = _build_policy(cfg, accelerator, dataset, resume)
     optimizer = make_optimizer(policy.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.steps)
     if accelerator.num_processes > 1:
@@ -120,20 +110,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     step, position = 0, 0
     if resume is not None:
         step, position = _restore(cfg, resume, policy, optimizer, scheduler, sampler, accelerator, global_batch)
-    if not sharded:
+    if cfg.distributed.strategy != "fsdp":
         policy, optimizer = accelerator.prepare(policy, optimizer)
 
     loader = _loader(cfg, accelerator, dataset, sampler, position)
     result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
                        is_main=accelerator.is_main_process)
-    tracker = tracking.start(cfg, run_dir, resume, accelerator.unwrap_model(policy), accelerator.is_main_process)
-    saver = _Saver(cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch, tracker)
-    samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
-    metrics_log = MetricsLog(run_dir / "metrics.jsonl" if accelerator.is_main_process else None)
-    progress = Progress(cfg.steps, step, cfg.log_every, enabled=accelerator.is_main_process)
-    evaluator = _Evaluator(cfg, accelerator, result, metrics_log, progress, tracker, run_dir)
+    out = _Outputs.open(cfg, run_dir, resume, accelerator, result, step, accelerator.unwrap_model(policy))
+    saver = _Saver(cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch, out.tracker)
     if resume is None and cfg.eval.at_start:
-        evaluator.run(policy, step, label="untrained")
+        out.evaluator.run(policy, step, label="untrained")
 
     stream, window = batches(loader, cfg.prefetch), _Window()
     try:
@@ -144,18 +130,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
                 t1 = time.perf_counter()
                 loss, grad_norm = _update(cfg, accelerator, policy, optimizer, scheduler, batch)
                 step += 1
-                if samples is not None:
-                    samples.write(step, batch["index"])
+                out.samples(step, batch["index"])
                 window.add(loss, grad_norm, t1 - t0, time.perf_counter() - t0)
 
                 metrics = None
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     metrics = result.last_metrics = window.flush(scheduler.get_last_lr()[0], global_batch)
-                    metrics_log.write(step, metrics)
-                    tracker.log(step, metrics)
-                progress.update(step, metrics)
+                    out.log(step, metrics)
+                out.progress.update(step, metrics)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-                    evaluator.run(policy, step)
+                    out.evaluator.run(policy, step)
                 # Every process must stop at the same step, whichever the signal reached first.
                 stop = distributed.any_process(accelerator, preemption.requested)
                 if _checkpoint_due(cfg, step) or stop:
@@ -165,21 +149,69 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
                     break
         result.step = step
         if result.preempted_by is None:
-            evaluator.run(policy, step, label="trained")
+            out.evaluator.run(policy, step, label="trained")
             saver.push_final(result)
     finally:
         if hasattr(stream, "close"):
             stream.close()
-        if samples is not None:
-            samples.close()
-        progress.close()
-        metrics_log.close()
-        tracker.close()
+        out.close()
         result.not_pushed = saver.close()
     result.seconds = time.perf_counter() - started
     if accelerator.is_main_process:
         (run_dir / "result.json").write_text(json.dumps(result.summary(), indent=2))
     return result
+
+
+def _build_policy(cfg: TrainConfig, accelerator: Accelerator, dataset, resume: ResumePoint | None):
+    """The policy for this run: built (from pretrained weights if asked), adapted (PEFT), with a
+    resumed checkpoint's weights (consolidated, whatever the world size), sharded with FSDP."""
+    policy = peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats), cfg.peft, cfg.policy)
+    if resume is not None:
+        _load_resumed_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
+    if peft.is_adapted(policy):
+        log.info("%s adapters: %d of %d parameters trainable", cfg.peft.method, *peft.trainable_parameters(policy))
+    if cfg.distributed.strategy == "fsdp":
+        fsdp.shard(policy.to(accelerator.device), accelerator.device)
+        log.info("FSDP: %d of %d parameter tensors sharded as DTensors over %d processes",
+                 fsdp.sharded_count(policy), len(list(policy.parameters())), accelerator.num_processes)
+    return policy
+
+
+@dataclass
+class _Outputs:
+    """Where a run reports: metrics.jsonl, the progress bar or log lines, the tracker, the
+    sample log, and simulator evaluations (most of it on the main process only)."""
+
+    metrics_log: MetricsLog
+    progress: Progress
+    tracker: Any
+    evaluator: "_Evaluator"
+    sample_log: "_SampleLog | None"
+
+    @classmethod
+    def open(cls, cfg, run_dir, resume, accelerator, result, step, model) -> "_Outputs":
+        main = accelerator.is_main_process
+        metrics_log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
+        progress = Progress(cfg.steps, step, cfg.log_every, enabled=main)
+        tracker = tracking.start(cfg, run_dir, resume, model, main)
+        evaluator = _Evaluator(cfg, accelerator, result, metrics_log, progress, tracker, run_dir)
+        samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
+        return cls(metrics_log, progress, tracker, evaluator, samples)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics_log.write(step, metrics)
+        self.tracker.log(step, metrics)
+
+    def samples(self, step: int, indices: torch.Tensor) -> None:
+        if self.sample_log is not None:
+            self.sample_log.write(step, indices)
+
+    def close(self) -> None:
+        if self.sample_log is not None:
+            self.sample_log.close()
+        self.progress.close()
+        self.metrics_log.close()
+        self.tracker.close()
 
 
 def _make_pusher(cfg: TrainConfig):
