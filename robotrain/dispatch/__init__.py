@@ -108,11 +108,11 @@ def run_remote(job: JobConfig, overrides: Sequence[str], run_dir: Path) -> Remot
     Ctrl-C while following detaches: the job goes on, and how to reach it is printed."""
     point = Point(list(overrides), run_dir.resolve() if job.target == "slurm" else None, name="robotrain")
     (handle,) = submit([point], job)
-    print(f"robotrain: submitted {job.target} job {handle.job_id}", flush=True)
-    if job.detach:
-        print(f"  {handle.hints()}", flush=True)
-        return RemoteRun(handle, detached=True)
-    try:
+    try:  # from here on Ctrl-C only detaches: the job exists
+        print(f"robotrain: submitted {job.target} job {handle.job_id}", flush=True)
+        if job.detach:
+            print(f"  {handle.hints()}", flush=True)
+            return RemoteRun(handle, detached=True)
         for line in handle.follow():
             print(line, flush=True)
         return RemoteRun(handle, outcome=handle.wait())
