@@ -157,3 +157,12 @@ def test_remote_dispatch_downloads_nothing_on_the_submitting_machine(slurm_cli, 
         assert slurm.squeue(job_id)  # still held by --begin: the job has not run either
     finally:
         slurm.scancel(job_id)
+
+
+def test_a_job_with_two_tasks_trains_as_two_processes(slurm_cli, tmp_path):
+    run_dir = tmp_path / "run"
+    done = slurm_cli.run("job=slurm", "job.tasks_per_node=2", *TINY, "steps=4", f"hydra.run.dir={run_dir}", timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    info = json.loads((run_dir / "checkpoints" / "000004" / "training_state" / "training_step.json").read_text())
+    assert info["num_processes"] == 2 and info["global_batch_size"] == 16
+    assert done.stdout.strip().splitlines()[-1].endswith("finished")

@@ -92,8 +92,8 @@ class SlurmHandle:
             time.sleep(poll_s)
 
     def wait(self) -> Outcome:
-        try:
-            return Outcome(ok=True, value=self.job.result())
+        try:  # a job with several tasks returns one result per task; the main process's comes first
+            return Outcome(ok=True, value=self.job.results()[0])
         except Exception as err:  # submitit re-raises the job's failure here
             return Outcome(ok=False, error=err)
 
