@@ -179,3 +179,25 @@ def test_each_policys_lora_default_trains_the_expected_parameters(policy_type):
     expected = sum(lora_size(m, 4) for m in adapted) + saved
     model = rpeft.apply(policy, PeftConfig(method="lora", r=4), cfg.policy)
     assert adapted and rpeft.trainable_parameters(model)[0] == expected
+
+
+def test_a_peft_run_resumes_from_the_hub_bit_exactly(module_cli, hub, base_run, lora_run, tmp_path):
+    repo = "user/peft-resume"
+    cli = type(module_cli)(env={**module_cli.env, **hub.env}, cwd=tmp_path)
+    lora = ["peft=lora", "peft.r=4", f"policy.pretrained_path={base_run}"]
+    pushed = cli.run(*RUN, *lora, f"hub.repo_id={repo}", "hub.push_checkpoints=true", f"hydra.run.dir={tmp_path / 'a'}")
+    assert pushed.returncode == 0, pushed.stderr
+    resumed = cli.run(*RUN, *lora, "hub.push_checkpoints=false", "hub.push_final=false",
+                      f"resume=hub:{repo}@10", f"hydra.run.dir={tmp_path / 'b'}")
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("pretrained_model/adapter_model.safetensors", "training_state/optimizer_state.safetensors"):
+        assert_same_tensors(load_tensors(tmp_path / "a" / "checkpoints" / "000020" / name),
+                            load_tensors(tmp_path / "b" / "checkpoints" / "000020" / name))
+
+
+def test_policy_features_the_dataset_lacks_are_refused_in_one_line(cli, tmp_path):
+    done = cli.run(*TINY, "steps=3", "+policy.input_features={observation.velocity:{type:STATE,shape:[3]}}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    lines = error_lines(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "'observation.velocity' is not in the dataset" in lines[0] and "unset policy.input_features" in lines[0]
