@@ -9,16 +9,23 @@ Checkpoints keep LeRobot's layout: `pretrained_model/model.safetensors` holds th
 consolidated weights (gathered on the main process), and `training_state/dcp/` holds the
 sharded model and optimizer state written by torch.distributed.checkpoint, which reshards
 on load, so a run saved with N processes resumes with M.
+
+The shards are written with DCP's safetensors storage (one `shard-<rank>-….safetensors` per
+process, each tensor's offset in the full one in its header) and the optimizer's param groups
+as JSON, rather than DCP's default pickled `.metadata` + `.distcp`: only safetensors and JSON
+are ever read back, so a sharded checkpoint resumes from the Hub like any other.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader, HuggingFaceStorageWriter
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -26,8 +33,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from robotrain.checkpoint import read_json
+from robotrain.errors import UserError
+
 #: Subfolder of training_state/ holding the sharded state.
 DCP_FOLDER = "dcp"
+#: The optimizer's param groups (hyperparameters and parameter names) inside DCP_FOLDER.
+PARAM_GROUPS = "optimizer_param_groups.json"
 
 
 def ensure_process_group(device: torch.device) -> None:
@@ -69,15 +81,54 @@ def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
 def save_sharded(policy: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Every process writes its shard of model and optimizer state into `folder` (collective)."""
     model_sd, optim_sd = get_state_dict(policy, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+    writer = HuggingFaceStorageWriter(str(folder), save_distributed=True)
+    dcp.save({"model": model_sd, "optim": optim_sd["state"]}, storage_writer=writer)
+    if dist.get_rank() == 0:
+        (Path(folder) / PARAM_GROUPS).write_text(json.dumps(optim_sd["param_groups"], indent=2))
 
 
 def load_sharded(policy: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Restore model and optimizer from `folder`, resharded onto this world (collective)."""
-    model_sd, optim_sd = get_state_dict(policy, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(policy, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    model_sd, optim_sd = get_state_dict(policy, optimizer)  # the live shards, to be filled in place
+    groups = _read_param_groups(Path(folder), optim_sd["param_groups"])
+    _check_shards(Path(folder))
+    state = {"model": model_sd, "optim": optim_sd["state"]}
+    try:
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
+    except CheckpointException as err:
+        raise UserError(f"the sharded state in {folder} does not load ({_first_failure(err)}); "
+                        "resume with the policy config it was trained with, or from another step") from None
+    set_state_dict(policy, optimizer, model_state_dict=state["model"],
+                   optim_state_dict={"state": state["optim"], "param_groups": groups})
+
+
+def _read_param_groups(folder: Path, live: list[dict]) -> list[dict]:
+    groups = read_json(folder / PARAM_GROUPS)
+    if [g["params"] for g in groups] != [g["params"] for g in live]:
+        raise UserError(f"the optimizer in {folder} covers other parameters than this policy's; "
+                        "resume with the policy config the checkpoint was trained with")
+    return groups
+
+
+def _check_shards(folder: Path) -> None:
+    """A one-line error for missing or corrupt shards, before DCP logs a traceback on reading them."""
+    from safetensors import SafetensorError, safe_open
+
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise UserError(f"{folder} holds no shards: that checkpoint is incomplete; resume from another step")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"{shard} is corrupt ({err}); delete that checkpoint folder or resume from another step") from None
+
+
+def _first_failure(err: CheckpointException) -> str:
+    """The first failing rank's exception, on one line (DCP's own message holds every traceback)."""
+    first = next((exc for exc, _trace in err.failures.values()), err)
+    return (" ".join(str(first).split()) or type(first).__name__)[:200]
 
 
 def unsharded_copy(model: nn.Module, full: dict[str, torch.Tensor]) -> nn.Module:

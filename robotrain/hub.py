@@ -606,7 +606,7 @@ def _commit_final(repo_id: str, folder: Path, card: str, message: str) -> str:
 
 def _add_operations(folder: Path, prefix: str) -> list[CommitOperationAdd]:
     """Every file under `folder` (but huggingface_hub's .cache/ bookkeeping), at `prefix` + its relative
-    path; hidden files belong to the checkpoint (FSDP's training_state/dcp/.metadata)."""
+    path: hidden files included (a checkpoint may hold some; it is uploaded as it is on disk)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file()
                    and ".cache" not in p.relative_to(folder).parts)
     return [CommitOperationAdd(path_in_repo=prefix + p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
