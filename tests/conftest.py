@@ -76,6 +76,16 @@ def module_cli(robotrain_cache, tmp_path_factory) -> Cli:
     return make_cli(robotrain_cache, tmp_path_factory.mktemp("cli"))
 
 
+@pytest.fixture(scope="session")
+def trained_run(robotrain_cache, tmp_path_factory) -> Path:
+    """A finished TINY 20-step run with checkpoints at 10 and 20; tests read or copy it, never change it."""
+    run_dir = tmp_path_factory.mktemp("trained")
+    cli = make_cli(robotrain_cache, tmp_path_factory.mktemp("cli"))
+    done = cli.run(*TINY, "steps=20", "checkpoint.every=10", f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr
+    return run_dir
+
+
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
@@ -100,3 +110,12 @@ def tree_digest(root: Path) -> str:
 
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, expected: str) -> str:
+    """`done` exited 2 with robotrain's one-line error, and nothing else, on stderr, naming `expected`;
+    returns that line."""
+    lines = error_lines(done.stderr)
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("robotrain: error: ") and expected in lines[0], lines[0]
+    return lines[0]

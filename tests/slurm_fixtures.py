@@ -77,6 +77,16 @@ def _text(output: str | bytes | None) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
+def _states_by_job(proc: subprocess.CompletedProcess) -> dict[str, str]:
+    """{job id: state word} from `id|state` lines (squeue -o "%i|%T", sacct -P -o JobID,State)."""
+    out = {}
+    for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
+        jid, _, state = line.strip().partition("|")
+        if jid:
+            out[jid] = _state_word(state)
+    return out
+
+
 def _state_word(state: str) -> str:
     return state.split()[0].rstrip("+") if state.strip() else ""  # "CANCELLED by 0" -> "CANCELLED"
 
@@ -171,24 +181,12 @@ class SlurmCluster:
 
     def _squeue(self, job_id: str, all_states: bool = False) -> dict[str, str]:
         """all_states: also finished jobs that slurmctld still remembers (MinJobAge, 300 s)."""
-        proc = _run(["squeue", "-h", "-r", *(["--states=all"] if all_states else []), "-j", str(job_id),
-                     "-o", "%i|%T"])
-        out = {}
-        for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
-            jid, _, state = line.strip().partition("|")
-            if jid:
-                out[jid] = _state_word(state)
-        return out
+        return _states_by_job(_run(["squeue", "-h", "-r", *(["--states=all"] if all_states else []),
+                                    "-j", str(job_id), "-o", "%i|%T"]))
 
     def sacct_states(self, job_id: str) -> dict[str, str]:
         """{job id: state} from accounting (allocations only, latest run of a requeued job)."""
-        proc = _run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "JobID,State"])
-        out = {}
-        for line in proc.stdout.splitlines() if proc.returncode == 0 else []:
-            jid, _, state = line.strip().partition("|")
-            if jid:
-                out[jid] = _state_word(state)
-        return out
+        return _states_by_job(_run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "JobID,State"]))
 
     def sacct_state(self, job_id: str) -> str | None:
         """State of the job in sacct ("COMPLETED", "RUNNING", "CANCELLED"...), None if sacct does not know it

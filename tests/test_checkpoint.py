@@ -20,19 +20,10 @@ from safetensors import safe_open
 
 from robotrain import checkpoint
 from robotrain.errors import UserError
-from tests.conftest import TINY
 
 REFERENCE = Path(__file__).parent / "data" / "lerobot_act_checkpoint"
 RNG_KEYS = {"py_rng_state", "py_rng_version", "np_rng_state_values", "np_rng_state_index",
             "np_rng_has_gauss", "np_rng_cached_gaussian", "torch_rng_state"}
-
-
-@pytest.fixture(scope="module")
-def run_dir(module_cli, tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("layout")
-    done = module_cli.run(*TINY, "steps=20", "checkpoint.every=10", f"hydra.run.dir={run_dir}")
-    assert done.returncode == 0, done.stderr
-    return run_dir
 
 
 def keys_and_metadata(path: Path) -> tuple[list[str], dict | None]:
@@ -40,8 +31,8 @@ def keys_and_metadata(path: Path) -> tuple[list[str], dict | None]:
         return list(f.keys()), f.metadata()
 
 
-def test_step_folders_and_last_symlink_follow_lerobot(run_dir):
-    checkpoints = run_dir / "checkpoints"
+def test_step_folders_and_last_symlink_follow_lerobot(trained_run):
+    checkpoints = trained_run / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["000010", "000020", "last"]
     assert os.readlink(checkpoints / "last") == "000020"  # relative
 
@@ -51,8 +42,8 @@ def test_step_folder_name_pads_to_the_total_steps():
     assert checkpoint.step_folder_name(5, 12_345_678) == "00000005"
 
 
-def test_pretrained_model_has_lerobots_files(run_dir):
-    folder = run_dir / "checkpoints" / "000020" / "pretrained_model"
+def test_pretrained_model_has_lerobots_files(trained_run):
+    folder = trained_run / "checkpoints" / "000020" / "pretrained_model"
     assert sorted(p.name for p in folder.iterdir()) == sorted([
         "config.json", "model.safetensors", "train_config.json",
         "policy_preprocessor.json", "policy_preprocessor_step_3_normalizer_processor.safetensors",
@@ -60,18 +51,18 @@ def test_pretrained_model_has_lerobots_files(run_dir):
     ])
 
 
-def test_config_json_starts_with_type_then_features(run_dir):
-    config = json.loads((run_dir / "checkpoints" / "000020" / "pretrained_model" / "config.json").read_text())
+def test_config_json_starts_with_type_then_features(trained_run):
+    config = json.loads((trained_run / "checkpoints" / "000020" / "pretrained_model" / "config.json").read_text())
     reference = json.loads((REFERENCE / "pretrained_model" / "config.json").read_text())
     assert list(config)[:4] == list(reference)[:4] == ["type", "n_obs_steps", "input_features", "output_features"]
     assert config["type"] == "mlp"
     assert config["input_features"]["observation.state"] == {"type": "STATE", "shape": [4]}
 
 
-def test_model_safetensors_holds_only_the_state_dict(run_dir):
+def test_model_safetensors_holds_only_the_state_dict(trained_run):
     from robotrain import policies
 
-    folder = run_dir / "checkpoints" / "000020" / "pretrained_model"
+    folder = trained_run / "checkpoints" / "000020" / "pretrained_model"
     keys, metadata = keys_and_metadata(folder / "model.safetensors")
     policy = policies.from_pretrained(folder)
     assert sorted(keys) == sorted(policy.state_dict())
@@ -79,8 +70,8 @@ def test_model_safetensors_holds_only_the_state_dict(run_dir):
     assert not any(k.endswith((".mean", ".std")) for k in keys)  # stats live in the processor files
 
 
-def test_processor_files_match_lerobots_pipeline(run_dir):
-    folder = run_dir / "checkpoints" / "000020" / "pretrained_model"
+def test_processor_files_match_lerobots_pipeline(trained_run):
+    folder = trained_run / "checkpoints" / "000020" / "pretrained_model"
     for name in ("policy_preprocessor.json", "policy_postprocessor.json"):
         ours = json.loads((folder / name).read_text())
         theirs = json.loads((REFERENCE / "pretrained_model" / name).read_text())
@@ -92,8 +83,8 @@ def test_processor_files_match_lerobots_pipeline(run_dir):
             assert f"{feature}.{stat}" in keys
 
 
-def test_training_state_has_lerobots_files_and_keys(run_dir):
-    folder = run_dir / "checkpoints" / "000020" / "training_state"
+def test_training_state_has_lerobots_files_and_keys(trained_run):
+    folder = trained_run / "checkpoints" / "000020" / "training_state"
     assert {"training_step.json", "optimizer_state.safetensors", "optimizer_param_groups.json",
             "scheduler_state.json", "rng_state.safetensors", "sampler_state.json"} == {p.name for p in folder.iterdir()}
     keys, _ = keys_and_metadata(folder / "optimizer_state.safetensors")
@@ -105,39 +96,39 @@ def test_training_state_has_lerobots_files_and_keys(run_dir):
     assert set(rng_keys) == RNG_KEYS
 
 
-def test_training_step_records_what_an_elastic_resume_needs(run_dir):
-    info = json.loads((run_dir / "checkpoints" / "000020" / "training_state" / "training_step.json").read_text())
+def test_training_step_records_what_an_elastic_resume_needs(trained_run):
+    info = json.loads((trained_run / "checkpoints" / "000020" / "training_state" / "training_step.json").read_text())
     assert info == {"step": 20, "num_processes": 1, "batch_size": 8, "global_batch_size": 8, "sample_position": 160}
-    sampler = json.loads((run_dir / "checkpoints" / "000020" / "training_state" / "sampler_state.json").read_text())
+    sampler = json.loads((trained_run / "checkpoints" / "000020" / "training_state" / "sampler_state.json").read_text())
     assert sampler["seed"] == 0 and sampler["epoch"] * sampler["num_samples"] + sampler["position"] >= 0
 
 
-def test_latest_ignores_temporary_and_incomplete_folders(run_dir, tmp_path):
+def test_latest_ignores_temporary_and_incomplete_folders(trained_run, tmp_path):
     import shutil
 
     checkpoints = tmp_path / "checkpoints"
-    shutil.copytree(run_dir / "checkpoints", checkpoints, symlinks=True)
+    shutil.copytree(trained_run / "checkpoints", checkpoints, symlinks=True)
     (checkpoints / ".tmp-000030-123" / "training_state").mkdir(parents=True)
     (checkpoints / "000040").mkdir()
     assert checkpoint.latest(checkpoints).name == "000020"
 
 
-def test_prune_keeps_the_newest_and_the_protected(run_dir, tmp_path):
+def test_prune_keeps_the_newest_and_the_protected(trained_run, tmp_path):
     import shutil
 
     checkpoints = tmp_path / "checkpoints"
-    shutil.copytree(run_dir / "checkpoints", checkpoints, symlinks=True)
+    shutil.copytree(trained_run / "checkpoints", checkpoints, symlinks=True)
     shutil.copytree(checkpoints / "000020", checkpoints / "000030")
     deleted = checkpoint.prune(checkpoints, keep_last=1, protect=frozenset({"000010"}))
     assert [p.name for p in deleted] == ["000020"]
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["000010", "000030"]
 
 
-def test_corrupt_optimizer_state_is_refused_before_anything_is_restored(run_dir, tmp_path):
+def test_corrupt_optimizer_state_is_refused_before_anything_is_restored(trained_run, tmp_path):
     import shutil
 
     folder = tmp_path / "000020"
-    shutil.copytree(run_dir / "checkpoints" / "000020", folder)
+    shutil.copytree(trained_run / "checkpoints" / "000020", folder)
     (folder / "training_state" / "optimizer_state.safetensors").write_bytes(b"not safetensors")
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, error_lines, tree_digest
+from tests.conftest import TINY, assert_one_line_error, tree_digest
 
 
 def test_cfg_job_prints_the_composed_config(cli):
@@ -31,15 +31,6 @@ def test_help_lists_groups_and_options_with_their_descriptions(cli):
     assert re.search(r"^  policy\.hidden_dim +Width of the hidden layers", done.stdout, re.M)
     act = cli.run("--help", "policy=act")
     assert re.search(r"^  policy\.kl_weight ", act.stdout, re.M)
-
-
-@pytest.fixture(scope="module")
-def trained_run(module_cli, tmp_path_factory) -> Path:
-    """A finished 20-step run with checkpoints at 10 and 20."""
-    run_dir = tmp_path_factory.mktemp("trained")
-    done = module_cli.run(*TINY, "steps=20", "checkpoint.every=10", f"hydra.run.dir={run_dir}")
-    assert done.returncode == 0, done.stderr
-    return run_dir
 
 
 def _corrupt_copy(trained_run: Path, tmp_path: Path) -> Path:
@@ -85,10 +76,7 @@ def test_bad_input_exits_with_one_line_and_leaves_checkpoints_alone(cli, trained
 
     done = cli.run(*TINY, f"hydra.run.dir={run_dir}", *overrides)
 
-    lines = error_lines(done.stderr)
-    assert done.returncode == 2, done.stderr
-    assert len(lines) == 1 and lines[0].startswith("robotrain: error: "), done.stderr
-    assert expected in lines[0]
+    assert_one_line_error(done, expected)
     assert tree_digest(run_dir / "checkpoints") == before
 
 
@@ -96,9 +84,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(cli, trained_run, tmp_path):
     run_dir = _corrupt_copy(trained_run, tmp_path)
     before = tree_digest(run_dir / "checkpoints")
     done = cli.run(*TINY, "steps=30", f"hydra.run.dir={run_dir}", "resume=auto")
-    lines = error_lines(done.stderr)
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert "model.safetensors is corrupt" in lines[0]
+    assert_one_line_error(done, "model.safetensors is corrupt")
     assert tree_digest(run_dir / "checkpoints") == before
 
 
@@ -106,9 +92,7 @@ def test_unsupported_dataset_version_is_a_one_line_error(cli, tmp_path):
     root = _old_dataset(tmp_path)
     done = cli.run(*TINY, "dataset=local", "dataset.repo_id=user/old", f"dataset.root={root}",
                    f"hydra.run.dir={tmp_path / 'run'}")
-    lines = error_lines(done.stderr)
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert "v1.6" in lines[0]
+    assert_one_line_error(done, "v1.6")
 
 
 def test_resume_allow_changes_accepts_an_exactness_breaking_change(cli, trained_run, tmp_path):

@@ -11,7 +11,7 @@ from robotrain.config import JobConfig
 from robotrain.dispatch import Point
 from robotrain.distributed import first_host, world_env_from_slurm
 from robotrain.errors import UserError
-from tests.conftest import error_lines
+from tests.conftest import assert_one_line_error
 
 
 def test_job_command_repeats_the_overrides_as_a_local_run_in_its_own_dir():
@@ -81,9 +81,7 @@ BAD_JOBS = {
 def test_bad_job_config_is_one_line_and_submits_nothing(cli, tmp_path, case):
     overrides, expected = BAD_JOBS[case]
     done = cli.run(*overrides, f"hydra.run.dir={tmp_path / 'run'}")
-    lines = error_lines(done.stderr)
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("robotrain: error:"), done.stderr
-    assert expected in lines[0]
+    assert_one_line_error(done, expected)
     assert "submitted" not in done.stdout
     assert not (tmp_path / "run" / ".submitit").exists()
 

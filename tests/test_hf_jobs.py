@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import TINY, error_lines
+from tests.conftest import TINY, assert_one_line_error, error_lines
 
 SECRET = "s3cr3t-value-that-must-never-leak"
 
@@ -97,8 +97,7 @@ def test_secret_values_never_appear_in_logs_files_or_the_submitted_spec(jobs_cli
 
 def test_a_missing_secret_is_one_line_and_submits_nothing(jobs_cli, new_jobs, tmp_path):
     done = jobs_cli.run("job=hf", "job.image=img", "job.secrets=[NOT_SET_ANYWHERE]", f"hydra.run.dir={tmp_path}")
-    lines = error_lines(done.stderr)
-    assert done.returncode == 2 and len(lines) == 1 and "NOT_SET_ANYWHERE" in lines[0]
+    assert_one_line_error(done, "NOT_SET_ANYWHERE")
     assert new_jobs() == []
 
 

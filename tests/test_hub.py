@@ -284,9 +284,11 @@ STALLED = """
 """
 
 
-def run_with_stalled_commit(hub, repo: str, folder: Path) -> tuple:
+def run_with_stalled_commit(hub, repo: str, folder: Path, script: str = STALLED, commits: int = 1) -> tuple:
+    """Run `script` with the repo's first commit held until the script reads "go" on stdin; returns
+    its last stdout line (JSON) and its stderr once `commits` commits have landed."""
     hub.stall_commits()  # held until release()
-    proc = hub.popen_python(PRELUDE + textwrap.dedent(STALLED), args=[repo, str(folder)], stdin=subprocess.PIPE)
+    proc = hub.popen_python(PRELUDE + textwrap.dedent(script), args=[repo, str(folder)], stdin=subprocess.PIPE)
     try:
         hub.wait_for_stalled(1, timeout=60)
         stdout, stderr = proc.communicate("go\n", timeout=60)
@@ -296,7 +298,7 @@ def run_with_stalled_commit(hub, repo: str, folder: Path) -> tuple:
             proc.kill()
             proc.communicate()
         # The released commit completes after its client left: let it land before the next test looks.
-        wait_until(lambda: hub.log(kind="commit", repo=repo), 30, "the released commit to complete")
+        wait_until(lambda: len(hub.log(kind="commit", repo=repo)) >= commits, 30, "the released commit to complete")
     assert proc.returncode == 0, stderr
     return json.loads(stdout.strip().splitlines()[-1]), stderr
 
@@ -357,20 +359,9 @@ KILLED = """
 
 def test_a_killed_upload_process_is_replaced_and_the_checkpoint_still_lands(hub, hub_repo, tmp_path):
     folder = save_checkpoint(tmp_path, 10)
-    hub.stall_commits()  # only the first commit: the retry goes through
-    proc = hub.popen_python(PRELUDE + textwrap.dedent(KILLED), args=[hub_repo, str(folder)], stdin=subprocess.PIPE)
-    try:
-        hub.wait_for_stalled(1, timeout=60)
-        stdout, stderr = proc.communicate("go\n", timeout=60)
-    finally:
-        hub.release()
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-        # The killed process's commit completes once released: let it land before the next test looks.
-        wait_until(lambda: len(hub.log(kind="commit", repo=hub_repo)) >= 2, 30, "the released commit to complete")
-    assert proc.returncode == 0, stderr
-    seen = json.loads(stdout.strip().splitlines()[-1])
+    # Only the first commit is held (its upload process is killed); the retry goes through, and the
+    # killed process's commit also lands once released.
+    seen, stderr = run_with_stalled_commit(hub, hub_repo, folder, script=KILLED, commits=2)
     assert seen["left"] == [] and seen["after_close"] == []
     assert seen["tags"] == {"000010": seen["head"]}
     assert [f"checkpoints/000010/{rel}" for rel in local_files(folder)] == [

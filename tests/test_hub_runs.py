@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, error_lines
+from tests.conftest import TINY, assert_one_line_error
 from tests.test_resume import assert_same_final_state
 
 RUN = [*TINY, "steps=30", "checkpoint.every=10"]
@@ -167,15 +167,11 @@ BAD_HUB_INPUTS = {
 def test_bad_hub_input_is_one_line_before_training(hub_cli, pushed, tmp_path, case):
     overrides, expected = BAD_HUB_INPUTS[case]
     done = hub_cli.run(*RUN, f"hydra.run.dir={tmp_path / 'run'}", *overrides)
-    lines = error_lines(done.stderr)
-    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("robotrain: error:"), done.stderr
-    assert expected in lines[0]
+    assert_one_line_error(done, expected)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_repo_without_checkpoints_is_a_one_line_error(hub_cli, hub, hub_repo, tmp_path):
     hub.run_python(f"from huggingface_hub import create_repo; create_repo({hub_repo!r})")
     done = hub_cli.run(*RUN, f"hydra.run.dir={tmp_path / 'run'}", f"resume=hub:{hub_repo}")
-    lines = error_lines(done.stderr)
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert "no checkpoints" in lines[0]
+    assert_one_line_error(done, "no checkpoints")

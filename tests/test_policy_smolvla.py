@@ -18,7 +18,7 @@ from robotrain.data import synthetic
 from robotrain.data.lerobot_format import LeRobotDataset
 from robotrain.errors import UserError
 from robotrain.eval import observation_to_batch
-from tests.conftest import REPO_ROOT, error_lines
+from tests.conftest import REPO_ROOT, assert_one_line_error
 from tests.smolvlm_tiny import build_tiny_smolvlm
 
 KEYS = REPO_ROOT / "tests" / "data" / "lerobot_keys"
@@ -218,9 +218,7 @@ def test_a_missing_vlm_folder_is_a_one_line_error(cli, tmp_path):
     done = cli.run("policy=smolvla", f"policy.vlm_model_name={missing}", *TINY_CLI,
                    "dataset.synthetic.num_episodes=4", "eval.enabled=false", "steps=1",
                    f"hydra.run.dir={tmp_path / 'run'}")
-    lines = error_lines(done.stderr)
-    assert done.returncode == 2 and len(lines) == 1, done.stderr
-    assert f"policy.vlm_model_name={missing} does not exist" in lines[0]
+    assert_one_line_error(done, f"policy.vlm_model_name={missing} does not exist")
 
 
 @pytest.mark.parametrize("fields, message", [

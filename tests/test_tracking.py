@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY, Cli, error_lines
+from tests.conftest import TINY, Cli, assert_one_line_error
 
 TRACKERS = ["tensorboard", "wandb", "trackio"]
 #: TINY with the simulator evaluation on (2 short episodes, one recorded).
@@ -283,9 +283,7 @@ BAD_TRACKER_INPUT = {
 def test_bad_tracker_input_is_a_one_line_error(cli, tmp_path, case):
     overrides, expected = BAD_TRACKER_INPUT[case]
     done = cli.run(*TINY, "steps=5", f"hydra.run.dir={tmp_path / 'run'}", *overrides)
-    lines = error_lines(done.stderr)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("robotrain: error: ") and expected in lines[0], lines
+    assert_one_line_error(done, expected)
 
 
 def test_a_missing_tracker_package_is_a_one_line_error_naming_the_extra(cli, tmp_path):
@@ -294,8 +292,7 @@ def test_a_missing_tracker_package_is_a_one_line_error_naming_the_extra(cli, tmp
     (hidden / "__init__.py").write_text("raise ImportError(\"No module named 'wandb'\")\n")
     cli.env["PYTHONPATH"] = str(hidden.parent)
     done = cli.run(*TINY, "steps=5", "tracker=wandb", f"hydra.run.dir={tmp_path / 'run'}")
-    lines = error_lines(done.stderr)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert lines == ["robotrain: error: tracker=wandb needs the wandb package (No module named 'wandb'): "
-                     "pip install 'robotrain[trackers]'"]
+    line = assert_one_line_error(done, "tracker=wandb needs the wandb package")
+    assert line == ("robotrain: error: tracker=wandb needs the wandb package (No module named 'wandb'): "
+                    "pip install 'robotrain[trackers]'")
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before training
