@@ -8,8 +8,8 @@
     evaluate, push the final model, wait (bounded) for uploads
 
 Each optimizer step consumes one global batch of consecutive sampler positions, so the
-data position after step `s` is `s * global_batch` and a resumed run continues the exact
-sequence of batches. SIGTERM/SIGUSR2 stop the loop at the next step boundary with a
+data position after step `s` is the start position plus `(s - start step) * global_batch`
+and a resumed run continues the exact sequence of batches. SIGTERM/SIGUSR2 stop the loop at the next step boundary with a
 checkpoint (see `robotrain.preemption`). Checkpoint uploads run in the background
 (`robotrain.hub.CheckpointPusher`): the loop never waits for the network.
 """
@@ -117,7 +117,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
                        is_main=accelerator.is_main_process)
     out = _Outputs.open(cfg, run_dir, resume, accelerator, result, step, accelerator.unwrap_model(policy))
-    saver = _Saver(cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch, out.tracker)
+    saver = _Saver(cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, out.tracker,
+                   global_batch, start=(step, position))
     if resume is None and cfg.eval.at_start:
         out.evaluator.run(policy, step, label="untrained")
 
@@ -306,10 +307,13 @@ class _Saver:
     """Checkpoints on the main process: save atomically, queue the upload, prune what is
     both old and already pushed."""
 
-    def __init__(self, cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, global_batch, tracker):
+    def __init__(self, cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, tracker,
+                 global_batch: int, start: tuple[int, int]):
+        """`start`: the (step, global sample position) this run started from; a resumed run may
+        use another global batch than the one that reached that position."""
         self.cfg, self.checkpoints = cfg, run_dir / "checkpoints"
         self.accelerator, self.optimizer, self.scheduler, self.sampler = accelerator, optimizer, scheduler, sampler
-        self.pusher, self.global_batch, self.tracker = pusher, global_batch, tracker
+        self.pusher, self.tracker, self.global_batch, self.start = pusher, tracker, global_batch, start
         self.sharded = cfg.distributed.strategy == "fsdp"
         self.last: Path | None = None
 
@@ -331,7 +335,8 @@ class _Saver:
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
-        position = step * self.global_batch
+        start_step, start_position = self.start
+        position = start_position + (step - start_step) * self.global_batch
         self.sampler.seek(position)
         self.last = checkpoint.save(
             self.checkpoints, step=step, total_steps=self.cfg.steps, save_pretrained=save_pretrained,
