@@ -64,12 +64,9 @@ def run(composed: DictConfig):
         return distributed.launch_local(typed.distributed.processes, hydra_cfg.overrides.task, run_dir)
     accelerator = distributed.make_accelerator()
     # Every process works in the main process's run dir; only the main process fetches a checkpoint.
-    run_dir = distributed.broadcast(accelerator, run_dir)
     point = resume.locate(composed.resume.spec, run_dir) if accelerator.is_main_process else None
-    point = distributed.broadcast(accelerator, point)
-    if point is not None:
-        composed = resume.merged_config(point, composed, hydra_cfg.overrides.task)
-    cfg = parse(composed)
+    run_dir, point = distributed.broadcast(accelerator, (run_dir, point))
+    cfg = typed if point is None else parse(resume.merged_config(point, composed, hydra_cfg.overrides.task))
     result = train(cfg, run_dir, point, accelerator=accelerator)
     if accelerator.is_main_process:
         _print_summary(cfg, result)
@@ -104,7 +101,7 @@ def _finish_remote(remote: RemoteRun):
         print(f"robotrain: job {remote.handle.job_id} failed: {remote.outcome.error}", file=sys.stderr)
         sys.exit(1)
     print(f"robotrain: job {remote.handle.job_id} finished", flush=True)
-    return (remote.outcome.value or {}).get("return_value")
+    return remote.outcome.return_value
 
 
 def _print_summary(cfg, result) -> None:

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from robotrain.errors import UserError
+from robotrain.fsutil import fsync_dir, fsync_tree
 
 PRETRAINED = "pretrained_model"
 TRAINING_STATE = "training_state"
@@ -100,7 +101,7 @@ def save(
     for name, data in (extra_state or {}).items():
         _write_json(state / name, data)
     if fsync:
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     _publish(tmp, final, fsync)
     _point_last(checkpoints_dir, final.name, fsync)
     return final
@@ -117,7 +118,7 @@ def _publish(tmp: Path, final: Path, fsync: bool) -> None:
     else:
         os.rename(tmp, final)
     if fsync:
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
 
 def _point_last(checkpoints_dir: Path, name: str, fsync: bool) -> None:
@@ -127,7 +128,7 @@ def _point_last(checkpoints_dir: Path, name: str, fsync: bool) -> None:
     os.symlink(name, tmp_link)  # relative, so the run dir can be moved or uploaded
     os.replace(tmp_link, link)
     if fsync:
-        _fsync_dir(checkpoints_dir)
+        fsync_dir(checkpoints_dir)
 
 
 def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
@@ -141,25 +142,6 @@ def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2))
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_optimizer(state_dir: Path, optimizer: torch.optim.Optimizer) -> None:

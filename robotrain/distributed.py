@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, Sequence
 
+from robotrain import preemption
+
 _PORT_BASE, _PORT_SPAN = 20000, 20000
 
 
@@ -73,7 +75,7 @@ def launch_local(processes: int, overrides: Sequence[str], run_dir: Path) -> int
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)), **os.environ}
     child = subprocess.Popen(argv, env=env)
     forward = lambda signum, _frame: child.send_signal(signum)  # noqa: E731
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR2)}
+    previous = {sig: signal.signal(sig, forward) for sig in preemption.SIGNALS}
     try:
         return child.wait()
     except KeyboardInterrupt:

@@ -14,7 +14,8 @@ import threading
 #: Exit status of a run stopped by a preemption signal after saving (EX_TEMPFAIL: retry).
 EXIT_PREEMPTED = 75
 
-_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+#: What schedulers send ahead of a kill; processes that pass signals on forward these too.
+SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
 class PreemptionFlag:
@@ -34,7 +35,7 @@ class PreemptionFlag:
     def __enter__(self) -> "PreemptionFlag":
         # Handlers can only be installed from the main thread (e.g. not under a thread-based launcher).
         if threading.current_thread() is threading.main_thread():
-            for sig in _SIGNALS:
+            for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 

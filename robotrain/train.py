@@ -9,8 +9,8 @@
 
 Each optimizer step consumes one global batch of consecutive sampler positions, so the
 data position after step `s` is the start position plus `(s - start step) * global_batch`
-and a resumed run continues the exact sequence of batches. SIGTERM/SIGUSR2 stop the loop at the next step boundary with a
-checkpoint (see `robotrain.preemption`). Checkpoint uploads run in the background
+and a resumed run continues the exact sequence of batches. SIGTERM/SIGUSR2 stop the loop
+at the next step boundary with a checkpoint (see `robotrain.preemption`). Checkpoint uploads run in the background
 (`robotrain.hub.CheckpointPusher`): the loop never waits for the network.
 """
 
@@ -92,7 +92,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     # Data: the main process generates or checks the dataset once; the others wait, then read it.
     with accelerator.main_process_first():
         root = data.prepare(cfg.dataset)
-    dataset = data.open_dataset(cfg.dataset, root, delta_timestamps=_delta_timestamps(cfg, root))
+    meta = data.load_meta(root, cfg.dataset.repo_id)
+    # What each sample holds (action chunk, observation history), as the policy will see the dataset.
+    delta_timestamps = policies.with_dataset_features(cfg.policy, meta.features).delta_timestamps(meta.fps)
+    dataset = data.open_dataset(cfg.dataset, meta, delta_timestamps)
     sampler = EpisodeAwareSampler(
         *dataset.episode_bounds, seed=cfg.seed, shuffle=cfg.sampler.shuffle,
         permutation=cfg.sampler.permutation, drop_n_first_frames=cfg.sampler.drop_n_first_frames,
@@ -223,21 +226,6 @@ def _make_pusher(cfg: TrainConfig):
     return hub.CheckpointPusher.from_config(cfg.hub)
 
 
-def _delta_timestamps(cfg: TrainConfig, root: Path) -> dict[str, list[float]]:
-    """What each sample holds (action chunk, observation history), with features left unset in
-    the policy config taken from the dataset, as `policies.make` will."""
-    import dataclasses
-
-    from robotrain.data.lerobot_format import load_meta
-    from robotrain.policies.base import features_from_dataset
-
-    meta = load_meta(root)
-    inputs, outputs = features_from_dataset(meta.features)
-    config = dataclasses.replace(cfg.policy, input_features=cfg.policy.input_features or inputs,
-                                 output_features=cfg.policy.output_features or outputs)
-    return config.delta_timestamps(meta.fps)
-
-
 def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, sampler, position: int):
     """This rank's share of each global batch, starting at global sample `position`."""
     return make_loader(
@@ -276,11 +264,12 @@ def _restore(cfg, resume: ResumePoint, policy, optimizer, scheduler, sampler, ac
     returns (step, global sample position). A sharded (FSDP) checkpoint's optimizer state is
     resharded onto this world by torch.distributed.checkpoint."""
     sharded_state = resume.checkpoint_dir / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER
-    if sharded_state.is_dir():
+    sharded = sharded_state.is_dir()
+    if sharded:
         fsdp.load_sharded(policy, optimizer, sharded_state)
     elif cfg.distributed.strategy == "fsdp":
         raise UserError(f"{resume.checkpoint_dir} was saved without FSDP; resume it with distributed.strategy=ddp")
-    state = checkpoint.load_training_state(resume.checkpoint_dir, None if sharded_state.is_dir() else optimizer,
+    state = checkpoint.load_training_state(resume.checkpoint_dir, None if sharded else optimizer,
                                            scheduler, rank=accelerator.process_index)
     if not cfg.resume.allow_changes:
         sampler.load_state_dict(state["sampler_state"])  # refuses a changed dataset or sampler
@@ -440,9 +429,9 @@ class _Evaluator:
             image_size=self.cfg.dataset.synthetic.image_size, record=self.cfg.eval.video_episodes,
             render_size=self.cfg.eval.video_size,
         )
-        self.result.evals[step] = outcome.as_metrics()
-        self.metrics_log.write(step, outcome.as_metrics())
-        self.tracker.log(step, outcome.as_metrics())
+        metrics = self.result.evals[step] = outcome.as_metrics()
+        self.metrics_log.write(step, metrics)
+        self.tracker.log(step, metrics)
         if outcome.frames is not None:
             self.tracker.log_video(step, "eval/video", outcome.save_video(self.videos / f"step_{step:06d}.gif"))
         name = f" ({label})" if label else ""

@@ -61,10 +61,18 @@ def download(repo_id: str, revision: str | None) -> Path:
     return root
 
 
-def open_dataset(cfg: DatasetConfig, root: Path, delta_timestamps: dict[str, list[float]]):
+def load_meta(root: Path, repo_id: str | None = None):
+    """The dataset's metadata (info, episodes, tasks, stats), read once per run and shared."""
+    from robotrain.data.lerobot_format import load_meta
+
+    return load_meta(root, repo_id)
+
+
+def open_dataset(cfg: DatasetConfig, meta, delta_timestamps: dict[str, list[float]]):
+    """The dataset `meta` describes (from `load_meta`), as `cfg` selects it."""
     from robotrain.data.lerobot_format import LeRobotDataset
 
     return LeRobotDataset(
-        root, cfg.repo_id, delta_timestamps=delta_timestamps, tolerance_s=cfg.tolerance_s, episodes=cfg.episodes,
-        image_cache_mb=cfg.image_cache_mb,
+        meta.root, cfg.repo_id, delta_timestamps=delta_timestamps, tolerance_s=cfg.tolerance_s, episodes=cfg.episodes,
+        image_cache_mb=cfg.image_cache_mb, meta=meta,
     )

@@ -61,6 +61,7 @@ import torch
 from PIL import Image
 
 from robotrain.errors import UserError
+from robotrain.fsutil import fsync_dir, fsync_tree
 
 CODEBASE_VERSION = "v3.0"
 SUPPORTED_VERSIONS = ("v3.0", "v2.1")
@@ -504,7 +505,8 @@ class _DecodedImages:
         """Frames at `rows` (any shape) as uint8 (*rows.shape, H, W, C)."""
         flat = rows.reshape(-1)
         if self.cache is None:
-            return np.stack([self.column.pixels(int(r)) for r in flat]).reshape(*rows.shape, *self._shape(flat))
+            frames = np.stack([self.column.pixels(int(r)) for r in flat])
+            return frames.reshape(*rows.shape, *frames.shape[1:])
         for r in np.unique(flat[~self.cached[flat]]):
             pixels = self.column.pixels(int(r))
             if pixels.shape != self.cache.shape[1:] or pixels.dtype != np.uint8:
@@ -513,9 +515,6 @@ class _DecodedImages:
             self.cache[r] = pixels
             self.cached[r] = True
         return self.cache[rows]
-
-    def _shape(self, flat: np.ndarray) -> tuple[int, ...]:
-        return self.column.pixels(int(flat[0])).shape if len(flat) else (0,)
 
 
 def _to_chw_float(pixels: np.ndarray) -> torch.Tensor:
@@ -635,7 +634,8 @@ class LeRobotDataset(torch.utils.data.Dataset):
     `episodes` selects a subset (by episode index); `delta_timestamps` maps a feature to time
     offsets in seconds (multiples of 1/fps within `tolerance_s`): that feature is then returned
     stacked over the offsets, with `<key>_is_pad` True where the offset leaves the episode (the
-    value there repeats the episode's first or last frame).
+    value there repeats the episode's first or last frame). `meta`: the dataset's metadata if
+    the caller has read it already (`load_meta`), so that it is not read twice.
     """
 
     def __init__(
@@ -647,9 +647,10 @@ class LeRobotDataset(torch.utils.data.Dataset):
         tolerance_s: float = 1e-4,
         episodes: list[int] | None = None,
         image_cache_mb: float = 2048,
+        meta: DatasetMeta | None = None,
     ):
         super().__init__()
-        self.meta = load_meta(root, repo_id)
+        self.meta = meta if meta is not None else load_meta(root, repo_id)
         self.root = self.meta.root
         self.repo_id = repo_id
         self.tolerance_s = tolerance_s
@@ -1041,23 +1042,6 @@ def _write_json(data: Any, path: Path) -> None:
         json.dump(data, f, indent=4, ensure_ascii=False)
 
 
-def _fsync_dir(folder: str | Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under `folder` to disk, so the rename publishes complete data."""
-    for dirpath, _, filenames in os.walk(folder):
-        for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(dirpath)
-
-
 def _check_free(root: Path) -> None:
     if root.is_file() or (root.is_dir() and any(root.iterdir())):
         raise UserError(
@@ -1101,13 +1085,13 @@ def write_dataset(
         for episode in episodes:
             writer.add_episode(episode)
         writer.finish(robot_type)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         _publish(tmp, root)
     except BaseException:
         writer._close_data_file()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root.parent)
+    fsync_dir(root.parent)
     return load_meta(root, repo_id)
 
 

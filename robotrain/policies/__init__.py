@@ -45,14 +45,16 @@ def policy_config_class(policy_type: str) -> type[PolicyConfig]:
     return policy_class(policy_type).config_class
 
 
+def with_dataset_features(config: PolicyConfig, meta_features: dict[str, dict]) -> PolicyConfig:
+    """`config` with the input/output features it leaves unset taken from the dataset's features."""
+    inputs, outputs = features_from_dataset(meta_features)
+    return dataclasses.replace(config, input_features=config.input_features or inputs,
+                               output_features=config.output_features or outputs)
+
+
 def make(config: PolicyConfig, meta_features: dict[str, dict], stats: dict[str, dict[str, Any]]) -> Policy:
     """A fresh policy for a dataset; features left unset in the config are inferred from it."""
-    inputs, outputs = features_from_dataset(meta_features)
-    config = dataclasses.replace(
-        config,
-        input_features=config.input_features or inputs,
-        output_features=config.output_features or outputs,
-    )
+    config = with_dataset_features(config, meta_features)
     _check_features_in_dataset(config, meta_features)
     folder = resolve_pretrained(config.pretrained_path, config.pretrained_revision) if config.pretrained_path else None
     if folder is not None:
