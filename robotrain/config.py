@@ -39,6 +39,11 @@ def conf_dir() -> Path:
     raise RuntimeError(f"robotrain's conf/ folder is missing next to {here}; reinstall robotrain")
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (a fresh one for a default_factory field)."""
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
@@ -275,8 +280,9 @@ class JobConfig:
             _require(self.flavor in flavors, f"job.flavor {self.flavor!r} is not an HF Jobs flavor; choose one of: "
                      f"{', '.join(flavors)}")
             misplaced = [name for name in _SLURM_FIELDS if getattr(self, name) != _JOB_DEFAULTS[name]]
-            _require(not misplaced, f"job.{misplaced[0] if misplaced else ''} is a SLURM setting and does nothing with "
-                     "job=hf; drop it (or use job=slurm)")
+            if misplaced:
+                raise UserError(f"job.{misplaced[0]} is a SLURM setting and does nothing with job=hf; drop it "
+                                "(or use job=slurm)")
         if self.target == "slurm":
             _require(self.image is None, "job.image is an HF Jobs setting and does nothing with job=slurm; drop it "
                      "(set up the environment with job.setup=[...])")
@@ -296,6 +302,12 @@ class JobConfig:
         return self.target != "local"
 
     @property
+    def shares_run_dir(self) -> bool:
+        """The job runs in a run dir chosen here, on a filesystem it shares with this machine (SLURM);
+        an HF Job picks its own."""
+        return self.target == "slurm"
+
+    @property
     def slurm_timeout_min(self) -> int:
         if self.timeout_min is not None:
             return self.timeout_min
@@ -306,8 +318,7 @@ _SLURM_FIELDS = ("partition", "nodes", "tasks_per_node", "gpus_per_node", "cpus_
                  "account", "qos", "constraint", "additional_parameters", "setup", "submitit_folder")
 
 
-_JOB_DEFAULTS = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
-                 for f in dataclasses.fields(JobConfig)}
+_JOB_DEFAULTS = {f.name: field_default(f) for f in dataclasses.fields(JobConfig)}
 
 
 @dataclass

@@ -33,10 +33,12 @@ def field_docs(cls: type) -> dict[str, str]:
 
 def options(cls: type, prefix: str = "") -> list[tuple[str, str]]:
     """(dotted key, description) for every field, nested dataclasses expanded."""
+    from robotrain.config import field_default
+
     rows = []
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = field_default(f)
         if dataclasses.is_dataclass(default):
             rows += options(type(default), f"{prefix}{f.name}.")
         elif f.name in docs:
@@ -50,7 +52,8 @@ def groups_text(conf_dir: Path) -> str:
     for group in sorted(p for p in conf_dir.iterdir() if p.is_dir()):
         lines.append(f"{group.name}:")
         for option in sorted(group.glob("*.yaml")):
-            first = option.read_text().splitlines()[0] if option.read_text() else ""
+            text = option.read_text()
+            first = text.splitlines()[0] if text else ""
             lines.append(f"  {group.name + '=' + option.stem:<26} {first.lstrip('# ').strip()}")
     return "\n".join(lines)
 

@@ -83,6 +83,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 from huggingface_hub.utils import validate_repo_id
 
+from robotrain import preemption
 from robotrain.errors import UserError
 
 # robotrain.checkpoint (PRETRAINED, is_complete…) imports torch; it is imported where it is used
@@ -275,8 +276,7 @@ class CheckpointPusher:
         """Step folder names not pushed yet (queued, uploading now, waiting for a retry, or refused
         by the Hub): pass it to `checkpoint.prune(..., protect=...)`."""
         with self._cond:
-            jobs = [*self._queue, *self._later, *self._failed, *([self._current] if self._current else [])]
-            return {job.name for job in jobs if not job.is_final}
+            return {job.name for job in self._unfinished() if not job.is_final}
 
     def pushed(self) -> dict[str, str]:
         """Names pushed so far (step folder names, and FINAL) -> their commit sha."""
@@ -287,7 +287,15 @@ class CheckpointPusher:
         """Wait until nothing is queued or uploading (jobs waiting for the next submit do not
         count); False if `timeout` seconds passed first."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and self._current is None, timeout)
+            return self._cond.wait_for(self._idle, timeout)
+
+    def _idle(self) -> bool:
+        """Nothing queued or uploading (call with the lock held)."""
+        return not self._queue and self._current is None
+
+    def _unfinished(self) -> list[_Job]:
+        """Every job not pushed: uploading, queued, waiting for a retry, refused (lock held)."""
+        return [j for j in (self._current, *self._queue, *self._later, *self._failed) if j is not None]
 
     def close(self, timeout: float | None = None) -> list[str]:
         """Stop taking work, give checkpoints whose retries ran out one more round, and wait at
@@ -305,12 +313,11 @@ class CheckpointPusher:
             if self._queue or self._current is not None:
                 log.info("waiting up to %s for uploads to %s to finish",
                          "no limit" if timeout is None else f"{timeout:g}s", self.repo_id)
-            drained = self._cond.wait_for(lambda: not self._queue and self._current is None, timeout)
+            drained = self._cond.wait_for(self._idle, timeout)
             if not drained:
                 self._abandon.set()
                 self._cond.notify_all()
-            left = [j for j in (self._current, *self._queue, *self._later, *self._failed) if j is not None]
-            left.sort(key=_Job.order)
+            left = sorted(self._unfinished(), key=_Job.order)
             self._closed_result = [job.name for job in left]
         if drained:
             self._thread.join(timeout=5.0)
@@ -369,24 +376,25 @@ class CheckpointPusher:
                 return _GONE
             try:
                 self._attempt(job)
-            except Exception as err:  # noqa: BLE001 - sorted into retryable / not below, never swallowed silently
+            except Exception as raised:  # noqa: BLE001 - sorted into retryable / not below, never swallowed silently
+                # The upload process reports an _UploadError; the tag calls here raise the client's errors.
+                err = raised if isinstance(raised, _UploadError) else _UploadError.of(raised)
                 if self._abandon.is_set():
                     return _LATER  # close() ran out of time and stopped this upload: close() lists it
                 if not job.folder.is_dir():
                     log.warning("%s was deleted locally while it was being uploaded to %s; skipping it",
                                 what, self.repo_id)
                     return _GONE
-                if not _retryable(err):
-                    log.error("upload of %s to %s failed and will not be retried: %s", what, self.repo_id,
-                              _describe(err))
+                if not err.retryable:
+                    log.error("upload of %s to %s failed and will not be retried: %s", what, self.repo_id, err)
                     return _FAILED
                 if attempt == self.max_retries:
                     log.warning("upload of %s to %s failed %d times (last: %s); it stays pending and is tried "
-                                "again with the next checkpoint", what, self.repo_id, attempt, _describe(err))
+                                "again with the next checkpoint", what, self.repo_id, attempt, err)
                     return _LATER
                 delay = self._delay(attempt, err)
                 log.warning("upload of %s to %s failed (%s); attempt %d/%d in %.3gs", what, self.repo_id,
-                            _describe(err), attempt + 1, self.max_retries, delay)
+                            err, attempt + 1, self.max_retries, delay)
                 if self._abandon.wait(delay):
                     return _LATER
             else:
@@ -394,8 +402,8 @@ class CheckpointPusher:
                 return _PUSHED
         return _LATER
 
-    def _delay(self, attempt: int, err: Exception) -> float:
-        delay = max(self.base_delay_s * 2 ** (attempt - 1), _retry_after(err))
+    def _delay(self, attempt: int, err: _UploadError) -> float:
+        delay = max(self.base_delay_s * 2 ** (attempt - 1), err.retry_after)
         return min(delay, self.max_delay_s)
 
     def _attempt(self, job: _Job) -> None:
@@ -454,7 +462,7 @@ _POLL_S = 1.0
 
 class _UploadError(Exception):
     """A failed upload as the upload process reports it: picklable (huggingface_hub's errors carry an
-    HTTP response that may not be) and all that `_retryable`, `_delay` and `_describe` need."""
+    HTTP response that may not be) and all that the pusher's retry loop needs to know of it."""
 
     def __init__(self, description: str, retryable: bool, status: int | None = None, retry_after: float = 0.0):
         super().__init__(description, retryable, status, retry_after)
@@ -563,7 +571,7 @@ def _serve_uploads(fd: int, parent_pid: int) -> None:
     os.nice(10)  # hashing and encoding yield the CPU to training
     # The trainer decides when uploads stop: Ctrl-C or a preemption signal sent to the whole process
     # group must not kill the upload that the trainer's save-and-drain is waiting for.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR2):
+    for sig in (signal.SIGINT, *preemption.SIGNALS):
         signal.signal(sig, signal.SIG_IGN)
     threading.Thread(target=_exit_without_parent, args=(parent_pid,), daemon=True).start()
     conn = Connection(fd)
@@ -618,8 +626,6 @@ def _label(job: _Job) -> str:
 
 
 def _status(err: Exception) -> int | None:
-    if isinstance(err, _UploadError):
-        return err.status
     if not isinstance(err, HfHubHTTPError):
         return None
     response = getattr(err, "response", None)
@@ -627,9 +633,7 @@ def _status(err: Exception) -> int | None:
 
 
 def _retryable(err: Exception) -> bool:
-    """5xx, 429, 408, timeouts, refused and dropped connections, a dead upload process: worth another try."""
-    if isinstance(err, _UploadError):
-        return err.retryable
+    """5xx, 429, 408, timeouts, refused and dropped connections: worth another try."""
     if isinstance(err, HfHubHTTPError):
         status = _status(err)
         return status is None or status >= 500 or status in _RETRY_STATUSES
@@ -638,8 +642,6 @@ def _retryable(err: Exception) -> bool:
 
 def _retry_after(err: Exception) -> float:
     """A 429's Retry-After in seconds; 0 when there is none."""
-    if isinstance(err, _UploadError):
-        return err.retry_after
     if isinstance(err, HfHubHTTPError) and _status(err) == 429:
         with contextlib.suppress(ValueError):
             return float(err.response.headers.get("Retry-After", 0))
@@ -648,8 +650,6 @@ def _retry_after(err: Exception) -> float:
 
 def _describe(err: BaseException) -> str:
     """One line about an error, without tokens (huggingface_hub's messages carry none)."""
-    if isinstance(err, _UploadError):
-        return err.description
     if isinstance(err, HfHubHTTPError) and _status(err) is not None:
         detail = err.server_message or str(err)
         return f"HTTP {_status(err)}: {detail.strip().splitlines()[0] if detail.strip() else type(err).__name__}"
@@ -756,7 +756,7 @@ def download_checkpoint(repo_id: str, revision: str | None, dest: Path) -> Path:
     prefix = f"{CHECKPOINTS}/{found.name}/"
     with hub_errors(repo_id, revision):
         snapshot_download(repo_id, revision=found.sha, local_dir=dest,
-                          allow_patterns=[f"{prefix}*{suffix}" for suffix in SAFE_SUFFIXES])
+                          allow_patterns=_safe_patterns(prefix))
     from robotrain.checkpoint import is_complete
 
     folder = Path(dest) / CHECKPOINTS / found.name
@@ -812,11 +812,16 @@ def download_pretrained(repo_id: str, revision: str | None = None) -> Path:
             log.info("%s has no model at its root; using checkpoint %s", repo_id, found.name)
         prefix = f"{CHECKPOINTS}/{found.name}/{PRETRAINED}/"
         snapshot = snapshot_download(repo_id, revision=found.sha,
-                                     allow_patterns=[f"{prefix}*{suffix}" for suffix in SAFE_SUFFIXES])
+                                     allow_patterns=_safe_patterns(prefix))
     folder = Path(snapshot) / prefix
     if not (folder / "config.json").is_file():
         raise UserError(f"checkpoint {found.name} of {repo_id} has no {PRETRAINED}/config.json; pick another step")
     return folder
+
+
+def _safe_patterns(prefix: str) -> list[str]:
+    """allow_patterns for the safetensors and JSON files under `prefix` (a folder, with its slash)."""
+    return [f"{prefix}*{suffix}" for suffix in SAFE_SUFFIXES]
 
 
 def _resolve(api: HfApi, repo_id: str, revision: str | None) -> tuple[str, HubCheckpoint | None]:
@@ -837,7 +842,12 @@ def _resolve(api: HfApi, repo_id: str, revision: str | None) -> tuple[str, HubCh
 def _checkpoint_of_step(api: HfApi, repo_id: str, step: int) -> HubCheckpoint | None:
     """The checkpoint of `step`: at the commit of its tag (any padding), else on main."""
     tagged = [t.target_commit for t in api.list_repo_refs(repo_id).tags if t.name.isdigit() and int(t.name) == step]
-    for sha in [*tagged, api.repo_info(repo_id).sha]:
+
+    def commits():
+        yield from tagged
+        yield api.repo_info(repo_id).sha  # main: asked only when no tagged commit has the step
+
+    for sha in commits():
         names = [n for n in _step_names(api, repo_id, sha) if int(n) == step]
         if names:
             return HubCheckpoint(names[0], sha)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from robotrain.config import JobConfig
-from robotrain.dispatch import Point
+from robotrain.dispatch import Point, with_resume_auto
 from robotrain.distributed import first_host, world_env_from_slurm
 from robotrain.errors import UserError
 from tests.conftest import assert_one_line_error
@@ -23,7 +23,7 @@ def test_job_command_repeats_the_overrides_as_a_local_run_in_its_own_dir():
 def test_job_command_keeps_a_users_resume_spec_until_a_requeue():
     point = Point(["resume.spec=hub:user/run@10"], Path("/r"))
     assert "resume.spec=hub:user/run@10" in point.argv() and "resume.spec=auto" not in point.argv()
-    requeued = point.argv(resume_auto=True)
+    requeued = with_resume_auto(point.argv())
     assert "resume.spec=auto" in requeued and "resume.spec=hub:user/run@10" not in requeued
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
@@ -38,17 +38,22 @@ class Point:
     index: int = 0
     name: str = "robotrain"
 
-    def argv(self, resume_auto: bool = False) -> list[str]:
-        """The job's command line after `python -m robotrain`."""
+    def argv(self) -> list[str]:
+        """The job's command line after `python -m robotrain`: a local run in its run dir that
+        resumes from there (`resume.spec=auto`) unless the user named a checkpoint."""
         kept = [o for o in self.overrides if not _sets(o, "job.target") and not _sets(o, "hydra.run.dir")]
-        if resume_auto:
-            kept = [o for o in kept if not _sets(o, "resume.spec")]
         args = [*kept, "job.target=local"]
         if self.run_dir is not None:
             args.append(f"hydra.run.dir={self.run_dir}")
-        if resume_auto or not any(_sets(o, "resume.spec") for o in kept):
+        if not any(_sets(o, "resume.spec") for o in kept):
             args.append("resume.spec=auto")
         return args
+
+
+def with_resume_auto(argv: Sequence[str]) -> list[str]:
+    """A job's command line (`Point.argv`) for its requeue: continue from its own last checkpoint,
+    not from the one the user named to start from."""
+    return [o for o in argv if not _sets(o, "resume.spec")] + ["resume.spec=auto"]
 
 
 def _sets(override: str, key: str) -> bool:
@@ -62,6 +67,11 @@ class Outcome:
     ok: bool
     value: Any = None
     error: BaseException | None = None
+
+    @property
+    def return_value(self) -> Any:
+        """What the run returned (its result.json's "return_value"); None if it left none."""
+        return (self.value or {}).get("return_value")
 
 
 class Handle(Protocol):
@@ -100,13 +110,12 @@ class RemoteRun:
     handle: Handle
     outcome: Outcome | None = None
     detached: bool = False
-    lines: list[str] = field(default_factory=list)
 
 
 def run_remote(job: JobConfig, overrides: Sequence[str], run_dir: Path) -> RemoteRun:
     """Submit one run; follow its logs to the end, or return at once with `job.detach`.
     Ctrl-C while following detaches: the job goes on, and how to reach it is printed."""
-    point = Point(list(overrides), run_dir.resolve() if job.target == "slurm" else None, name="robotrain")
+    point = Point(list(overrides), run_dir.resolve() if job.shares_run_dir else None, name="robotrain")
     (handle,) = submit([point], job)
     try:  # from here on Ctrl-C only detaches: the job exists
         print(f"robotrain: submitted {job.target} job {handle.job_id}", flush=True)
@@ -178,7 +187,7 @@ def _plan(hydra_context, config, overrides: list[str], idx: int, sweep_dir: Path
         job, name = _job_config(sweep_config, idx, overrides), str(sweep_config.hydra.job.name)
         run_dir = sweep_dir / str(sweep_config.hydra.sweep.subdir)
     # One name for all points: a SLURM array has one job name (its tasks are <id>_<index>).
-    return Point(overrides, run_dir if job.target != "hf" else None, index=idx, name=name), job, sweep_config
+    return Point(overrides, run_dir if job.shares_run_dir else None, index=idx, name=name), job, sweep_config
 
 
 def _sets_prefix(override: str, prefix: str) -> bool:
@@ -212,7 +221,7 @@ def _run_group(group: list) -> dict[int, Any]:
     results = {}
     for handle, (point, _, sweep_config) in zip(handles, group):
         outcome = Outcome(ok=True, value={"job_id": handle.job_id}) if job.detach else handle.wait()
-        value = outcome.value.get("return_value") if outcome.ok and not job.detach else outcome.value
+        value = outcome.return_value if outcome.ok and not job.detach else outcome.value
         ret = JobReturn(overrides=point.overrides, cfg=sweep_config, hydra_cfg=None,
                         working_dir=str(point.run_dir or handle.job_id), task_name=point.name,
                         status=JobStatus.COMPLETED if outcome.ok else JobStatus.FAILED,

@@ -36,8 +36,8 @@ class HFJobHandle:
     def wait(self, poll_s: float = 2.0) -> Outcome:
         while True:
             status = self.api.inspect_job(job_id=self.job_id, namespace=self.namespace).status
-            if str(status.stage) in _FINAL_STAGES or getattr(status.stage, "value", None) in _FINAL_STAGES:
-                stage = getattr(status.stage, "value", str(status.stage))
+            stage = getattr(status.stage, "value", str(status.stage))  # a JobStage, or a plain str
+            if stage in _FINAL_STAGES:
                 if stage == "COMPLETED":
                     return Outcome(ok=True, value={"job_id": self.job_id, "stage": stage})
                 return Outcome(ok=False, error=RuntimeError(f"HF job {self.job_id} ended {stage}: {status.message}"))

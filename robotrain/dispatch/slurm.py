@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from robotrain.config import JobConfig
-from robotrain.dispatch import Outcome, Point
+from robotrain.dispatch import Outcome, Point, with_resume_auto
 from robotrain.errors import UserError
 
 #: How long `checkpoint` waits for the training child to save after the preemption signal.
@@ -63,8 +63,7 @@ class TrainingJob:
                 child.wait(timeout=SAVE_GRACE_S)
             except subprocess.TimeoutExpired:
                 child.kill()
-        requeued = [o for o in argv if not o.startswith("resume.spec=")] + ["resume.spec=auto"]
-        return submitit.helpers.DelayedSubmission(TrainingJob(self.env), requeued, run_dir)
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.env), with_resume_auto(argv), run_dir)
 
 
 class SlurmHandle:
