@@ -34,10 +34,9 @@ def _peft_config(cfg, targets, modules_to_save):
     import peft
 
     common = {"target_modules": targets, "modules_to_save": modules_to_save or None}
-    if cfg.method == "lora":
-        init = cfg.init_type if cfg.init_type != "default" else True
-        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights=init, **common)
     init = cfg.init_type if cfg.init_type != "default" else True
+    if cfg.method == "lora":
+        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights=init, **common)
     if cfg.method == "loha":
         return peft.LoHaConfig(r=cfg.r, alpha=cfg.alpha, module_dropout=cfg.dropout, init_weights=init, **common)
     if cfg.method == "lokr":
@@ -92,10 +91,7 @@ def save_pretrained(model: nn.Module, directory: Path, state_dict: dict[str, tor
     from peft import get_peft_model_state_dict
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    policy = model.get_base_model()
-    policy.save_pretrained(directory, state_dict={})  # config.json + processor files
-    (directory / "model.safetensors").unlink(missing_ok=True)  # the base stays where it came from
+    model.get_base_model().save_metadata(directory)  # no model.safetensors: the base stays where it came from
     adapter = get_peft_model_state_dict(model, state_dict=state_dict)
     save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(directory / ADAPTER_WEIGHTS))
     model.peft_config["default"].save_pretrained(str(directory))

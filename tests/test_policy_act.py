@@ -210,7 +210,7 @@ def test_loss_is_masked_l1_plus_weighted_kl_and_ignores_padded_targets():
     batch["action_is_pad"][:, 7:] = True
     torch.manual_seed(0)
     loss, metrics = policy(batch)
-    assert loss.item() == pytest.approx(metrics["l1_loss"] + 10.0 * metrics["kld_loss"], rel=1e-5)
+    assert loss.item() == pytest.approx(metrics["l1_loss"].item() + 10.0 * metrics["kld_loss"].item(), rel=1e-5)
     batch["action"] = batch["action"] + 100.0 * batch["action_is_pad"].unsqueeze(-1)
     torch.manual_seed(0)
     assert torch.equal(policy(batch)[0], loss)

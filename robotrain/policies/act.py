@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -44,10 +44,6 @@ BACKBONE_WEIGHTS = {
 }
 
 #: config.json's leading keys, in LeRobot's order (PreTrainedConfig's fields, then ACTConfig's).
-_LEROBOT_HEAD = ("type", "n_obs_steps", "input_features", "output_features", "device", "use_amp", "use_peft",
-                 "push_to_hub", "repo_id", "private", "tags", "license", "pretrained_path")
-
-
 @dataclass
 class ACTConfig(PolicyConfig):
     """LeRobot's ACTConfig: same field names, defaults and config.json layout."""
@@ -121,12 +117,6 @@ class ACTConfig(PolicyConfig):
         if self.kl_weight < 0:
             raise UserError(f"policy.kl_weight must be >= 0, got {self.kl_weight}")
 
-    def to_lerobot_dict(self) -> dict[str, Any]:
-        """config.json exactly as LeRobot writes it: its keys only, in its order."""
-        body = super().to_lerobot_dict()
-        body.pop("pretrained_revision", None)  # robotrain's; LeRobot's draccus parser rejects unknown keys
-        return {**{key: body.pop(key) for key in _LEROBOT_HEAD}, **body}
-
 
 class ACTPolicy(Policy):
     """ACT on normalized tensors; the base class normalizes, queues actions and saves."""
@@ -147,16 +137,17 @@ class ACTPolicy(Policy):
         self.temporal_ensembler = (ACTTemporalEnsembler(config.temporal_ensemble_coeff, config.chunk_size)
                                    if config.temporal_ensemble_coeff is not None else None)
 
-    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        # Metrics stay 0-d tensors: .item() here would wait for the device on every training step.
         actions_hat, (mu, log_sigma_x2) = self.model(batch)
         valid = ~batch["action_is_pad"].unsqueeze(-1)
         l1_loss = (F.l1_loss(batch["action"], actions_hat, reduction="none") * valid).mean()
-        metrics = {"l1_loss": l1_loss.item()}
+        metrics = {"l1_loss": l1_loss.detach()}
         if mu is None:  # no VAE, or evaluated in eval mode (the latent is then zero)
             return l1_loss, metrics
         # KL(N(mu, sigma^2) || N(0, 1)) summed over the latent, averaged over the batch.
         kld = (-0.5 * (1 + log_sigma_x2 - mu.pow(2) - log_sigma_x2.exp())).sum(-1).mean()
-        metrics["kld_loss"] = kld.item()
+        metrics["kld_loss"] = kld.detach()
         return l1_loss + self.config.kl_weight * kld, metrics
 
     def predict_chunk(self, batch: dict[str, Tensor]) -> Tensor:
@@ -219,7 +210,7 @@ class ACT(nn.Module):
         inputs = config.input_features
         self.state_key = "observation.state" if inputs.get("observation.state", {}).get("type") == "STATE" else None
         self.env_key = next((k for k, ft in inputs.items() if ft["type"] == "ENV"), None)
-        self.image_keys = [k for k, ft in inputs.items() if ft["type"] == "VISUAL"]
+        self.image_keys = list(config.image_features)
         action = config.output_features.get("action")
         if action is None or action["type"] != "ACTION":
             raise UserError("ACT needs an 'action' output feature of type ACTION")

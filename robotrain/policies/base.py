@@ -21,7 +21,7 @@ import json
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import safetensors.torch
@@ -33,7 +33,6 @@ from robotrain.errors import UserError
 
 FeatureSpec = dict[str, Any]  # {"type": "STATE"|"VISUAL"|"ENV"|"ACTION", "shape": [...]}
 
-_PREPROCESSOR_STATS = "policy_preprocessor_step_3_normalizer_processor.safetensors"
 _POSTPROCESSOR_STATS = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
 _EPS = 1e-8
 
@@ -75,13 +74,20 @@ class PolicyConfig:
                 raise UserError(f"policy.normalization_mapping.{kind} must be MEAN_STD, MIN_MAX or IDENTITY, got {mode!r}")
 
     def to_lerobot_dict(self) -> dict[str, Any]:
-        """config.json content: `type` first, then features, then the rest (LeRobot's order)."""
+        """config.json content in LeRobot's order: `type`, PreTrainedConfig's fields (features,
+        then device... license, pretrained_path), then the policy's own fields."""
         body = asdict(self)
         body.pop("pretrained_revision")  # robotrain's own field: LeRobot's config parser refuses unknown keys
         head = {key: body.pop(key) for key in ("type", "n_obs_steps", "input_features", "output_features")}
         head.update({"device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False,
-                     "repo_id": None, "private": None, "tags": None, "license": None})
+                     "repo_id": None, "private": None, "tags": None, "license": None,
+                     "pretrained_path": body.pop("pretrained_path")})
         return {**head, **body}
+
+    @property
+    def image_features(self) -> dict[str, FeatureSpec]:
+        """The VISUAL inputs, in feature order (LeRobot's PreTrainedConfig.image_features)."""
+        return {k: ft for k, ft in (self.input_features or {}).items() if ft["type"] == "VISUAL"}
 
     @property
     def observation_delta_indices(self) -> list[int] | None:
@@ -188,10 +194,11 @@ class Policy(nn.Module):
         self._stats_bytes: bytes | None = None
 
     # -- training ---------------------------------------------------------------------
-    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics): metrics are detached 0-d tensors, so reading them is the caller's sync."""
         return self.compute_loss(self._normalize(batch, with_targets=True))
 
-    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def predict_chunk(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -231,14 +238,25 @@ class Policy(nn.Module):
 
     # -- LeRobot pretrained_model/ folder -----------------------------------------------
     def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """config.json, the processor files and model.safetensors (`state_dict`, default: this policy's)."""
+        self.save_metadata(directory)
+        tensors = state_dict if state_dict is not None else self.state_dict()
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(Path(directory) / "model.safetensors"))
+
+    def save_metadata(self, directory: Path) -> None:
+        """Everything of the folder but the weights: config.json and the processor files (a PEFT
+        checkpoint stores adapter weights beside them)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(self.config.to_lerobot_dict(), indent=4))
-        tensors = state_dict if state_dict is not None else self.state_dict()
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
         if self._stats_bytes is None:  # stats never change during a run: serialize them once
             self._stats_bytes = stats_file_bytes(self.stats)
-        write_processor_files(directory, self.config, self._stats_bytes)
+        write_processor_files(directory, self.config, self._stats_bytes, self.preprocessor_steps())
+
+    def preprocessor_steps(self) -> list[dict[str, Any]]:
+        """This policy's own steps of LeRobot's preprocessor pipeline, between batching and the
+        device step (SmolVLA: its tokenizer); none by default."""
+        return []
 
 
 def stats_file_bytes(stats: dict[str, dict[str, torch.Tensor]]) -> bytes:
@@ -248,28 +266,34 @@ def stats_file_bytes(stats: dict[str, dict[str, torch.Tensor]]) -> bytes:
     return safetensors.torch.save(flat)
 
 
-def write_processor_files(directory: Path, config: PolicyConfig, stats_bytes: bytes) -> None:
-    """LeRobot's policy_{pre,post}processor.json and their stats files (`stats_file_bytes`)."""
-    norm_config = {"eps": _EPS, "norm_map": dict(config.normalization_mapping)}
+def write_processor_files(directory: Path, config: PolicyConfig, stats_bytes: bytes,
+                          policy_steps: Sequence[dict[str, Any]] = ()) -> None:
+    """LeRobot's policy_{pre,post}processor.json and their stats files (`stats_file_bytes`).
+    `policy_steps` go between batching and the device step; a stats file is named after the
+    index of its step in the pipeline."""
+    norm_map = dict(config.normalization_mapping)
     device_step = {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}
-    pre = {"name": "policy_preprocessor", "steps": [
+    pre_steps = [
         {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
         {"registry_name": "to_batch_processor", "config": {}},
+        *policy_steps,
         device_step,
-        {"registry_name": "normalizer_processor",
-         "config": {"eps": _EPS, "features": {**config.input_features, **config.output_features},
-                    "norm_map": norm_config["norm_map"]},
-         "state_file": _PREPROCESSOR_STATS},
-    ]}
+    ]
+    pre_stats = f"policy_preprocessor_step_{len(pre_steps)}_normalizer_processor.safetensors"
+    pre_steps.append({"registry_name": "normalizer_processor",
+                      "config": {"eps": _EPS, "features": {**config.input_features, **config.output_features},
+                                 "norm_map": norm_map},
+                      "state_file": pre_stats})
     post = {"name": "policy_postprocessor", "steps": [
         {"registry_name": "unnormalizer_processor",
-         "config": {"eps": _EPS, "features": dict(config.output_features), "norm_map": norm_config["norm_map"]},
+         "config": {"eps": _EPS, "features": dict(config.output_features), "norm_map": norm_map},
          "state_file": _POSTPROCESSOR_STATS},
         device_step,
     ]}
+    pre = {"name": "policy_preprocessor", "steps": pre_steps}
     (directory / "policy_preprocessor.json").write_text(json.dumps(pre, indent=2))
     (directory / "policy_postprocessor.json").write_text(json.dumps(post, indent=2))
-    (directory / _PREPROCESSOR_STATS).write_bytes(stats_bytes)
+    (directory / pre_stats).write_bytes(stats_bytes)
     (directory / _POSTPROCESSOR_STATS).write_bytes(stats_bytes)
 
 

@@ -230,17 +230,12 @@ class DiffusionConfig(PolicyConfig):
         return list(range(1 - self.n_obs_steps, 1 - self.n_obs_steps + self.horizon))
 
     def to_lerobot_dict(self) -> dict[str, Any]:
-        """LeRobot's config.json: exactly its keys, in its order (no chunk_size, no pretrained_revision)."""
+        """LeRobot's config.json: exactly its keys, in its order (no chunk_size)."""
         body = super().to_lerobot_dict()
-        head = {key: body[key] for key in body if key not in ("chunk_size", "pretrained_revision")
-                and key not in _LEROBOT_FIELDS}
+        head = {key: body[key] for key in body if key != "chunk_size" and key not in _LEROBOT_FIELDS}
         return {**head, **{key: body[key] for key in _LEROBOT_FIELDS}}
 
     # -- features (LeRobot's PreTrainedConfig properties and DiffusionConfig.validate_features)
-    @property
-    def image_features(self) -> dict[str, dict]:
-        return {k: ft for k, ft in (self.input_features or {}).items() if ft["type"] == "VISUAL"}
-
     @property
     def env_state_feature(self) -> Optional[dict]:
         ft = (self.input_features or {}).get(OBS_ENV_STATE)

@@ -50,7 +50,7 @@ class MLPPolicy(Policy):
     def __init__(self, config: MLPConfig, stats):
         super().__init__(config, stats)
         inputs = config.input_features
-        self.image_keys = [k for k, ft in inputs.items() if ft["type"] == "VISUAL"]
+        self.image_keys = list(config.image_features)
         self.vector_keys = [k for k, ft in inputs.items() if ft["type"] in ("STATE", "ENV")]
         self.action_dim = config.output_features["action"]["shape"][0]
         in_dim = sum(math.prod(inputs[k]["shape"]) for k in self.vector_keys)

@@ -45,9 +45,8 @@ transformers is imported only when a SmolVLA model is built.
 from __future__ import annotations
 
 import copy
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -61,7 +60,6 @@ from robotrain.policies.base import Policy, PolicyConfig
 OBS_STATE = "observation.state"
 ACTION = "action"
 _EMPTY_CAMERA = "observation.images.empty_camera_{}"
-_PREPROCESSOR_STATS = "policy_preprocessor_step_5_normalizer_processor.safetensors"
 
 
 @dataclass
@@ -179,18 +177,6 @@ class SmolVLAConfig(PolicyConfig):
             raise UserError("policy.vlm_model_name must be set: a Hub repo id or a local SmolVLM folder")
         if isinstance(self.rtc_config, dict) and self.rtc_config.get("enabled"):
             raise UserError("policy.rtc_config: real-time chunking is not supported by robotrain; set it to null")
-
-    def to_lerobot_dict(self) -> dict[str, Any]:
-        """config.json exactly as LeRobot writes it: `type`, PreTrainedConfig's fields
-        (`pretrained_path` last), then SmolVLAConfig's in declaration order. robotrain's own
-        `pretrained_revision` is left out (LeRobot's parser refuses unknown fields)."""
-        body = asdict(self)
-        body.pop("pretrained_revision")
-        head = {key: body.pop(key) for key in ("type", "n_obs_steps", "input_features", "output_features")}
-        head.update({"device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False,
-                     "repo_id": None, "private": None, "tags": None, "license": None,
-                     "pretrained_path": body.pop("pretrained_path")})
-        return {**head, **body}
 
 
 # -- the model (LeRobot's modeling_smolvla.py / smolvlm_with_expert.py) -----------------------
@@ -741,6 +727,17 @@ def aloha_gripper_from_angular_inv(value):
     return _normalize(_unnormalize(value, -0.6213, 1.4910), 0.4, 1.5)
 
 
+def _aloha_convert(x: torch.Tensor, gripper) -> torch.Tensor:
+    """Aloha's joint conventions <-> pi's (last dim: 14 joints): joints 1, 2, 8, 9 flip sign and
+    the grippers (6, 13) go through `gripper`; a copy, any leading dims."""
+    x = x.clone()
+    for idx in (1, 2, 8, 9):
+        x[..., idx] *= -1
+    for idx in (6, 13):
+        x[..., idx] = gripper(x[..., idx])
+    return x
+
+
 # -- the policy ---------------------------------------------------------------------------------
 
 
@@ -753,7 +750,7 @@ class SmolVLAPolicy(Policy):
         for i in range(config.empty_cameras):
             config.input_features.setdefault(_EMPTY_CAMERA.format(i), {"type": "VISUAL", "shape": [3, 480, 640]})
         super().__init__(config, stats)
-        self.image_keys = [k for k, ft in config.input_features.items() if ft["type"] == "VISUAL"]
+        self.image_keys = list(config.image_features)
         if not self.image_keys:
             raise UserError("SmolVLA needs at least one image input (a VISUAL feature); the dataset has none")
         if OBS_STATE not in config.input_features:
@@ -813,11 +810,7 @@ class SmolVLAPolicy(Policy):
     def prepare_state(self, batch: dict[str, Any]) -> torch.Tensor:
         state = batch[OBS_STATE][:, -1, :] if batch[OBS_STATE].ndim > 2 else batch[OBS_STATE]
         if self.config.adapt_to_pi_aloha:
-            state = state.clone()
-            for idx in (1, 2, 8, 9):
-                state[:, idx] *= -1
-            for idx in (6, 13):
-                state[:, idx] = aloha_gripper_to_angular(state[:, idx])
+            state = _aloha_convert(state, aloha_gripper_to_angular)
         return pad_vector(state, self.config.max_state_dim)
 
     def _inputs(self, batch: dict[str, Any]):
@@ -833,11 +826,7 @@ class SmolVLAPolicy(Policy):
         images, img_masks, lang_tokens, lang_masks, state = self._inputs(batch)
         actions = batch[ACTION]
         if self.config.adapt_to_pi_aloha:
-            actions = actions.clone()
-            for idx in (1, 2, 8, 9):
-                actions[:, :, idx] *= -1
-            for idx in (6, 13):
-                actions[:, :, idx] = aloha_gripper_from_angular_inv(actions[:, :, idx])
+            actions = _aloha_convert(actions, aloha_gripper_from_angular_inv)
         losses = self.model(images, img_masks, lang_tokens, lang_masks, state,
                             pad_vector(actions, self.config.max_action_dim))
         losses = losses[:, :, : self.action_dim]  # padded action dimensions are not targets
@@ -853,11 +842,7 @@ class SmolVLAPolicy(Policy):
         actions = self.model.sample_actions(images, img_masks, lang_tokens, lang_masks, state)
         actions = actions[:, :, : self.action_dim]
         if self.config.adapt_to_pi_aloha:
-            actions = actions.clone()
-            for idx in (1, 2, 8, 9):
-                actions[:, :, idx] *= -1
-            for idx in (6, 13):
-                actions[:, :, idx] = aloha_gripper_from_angular(actions[:, :, idx])
+            actions = _aloha_convert(actions, aloha_gripper_from_angular)
         return actions
 
     # -- fine-tuning defaults and the LeRobot folder -----------------------------------------
@@ -868,25 +853,14 @@ class SmolVLAPolicy(Policy):
         return {"target_modules": rf"(model\.vlm_with_expert\.lm_expert\..*\.(q|v)_proj|model\.({projections}))",
                 "modules_to_save": []}
 
-    def save_pretrained(self, directory: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        """The base's folder, with SmolVLA's preprocessor pipeline: its newline and tokenizer
-        steps come before the device and normalizer steps, so the stats file is step 5."""
-        super().save_pretrained(directory, state_dict)
-        directory = Path(directory)
-        path = directory / "policy_preprocessor.json"
-        pipeline = json.loads(path.read_text())
-        by_name = {step["registry_name"]: step for step in pipeline["steps"]}
-        normalizer = by_name["normalizer_processor"]
-        (directory / normalizer["state_file"]).rename(directory / _PREPROCESSOR_STATS)
-        normalizer["state_file"] = _PREPROCESSOR_STATS
-        tokenizer_step = {"registry_name": "tokenizer_processor", "config": {
-            "max_length": self.config.tokenizer_max_length, "task_key": "task", "padding_side": "right",
-            "padding": self.config.pad_language_to, "truncation": True, "tokenizer_name": self.config.vlm_model_name,
-        }}
-        pipeline["steps"] = [by_name["rename_observations_processor"], by_name["to_batch_processor"],
-                             {"registry_name": "smolvla_new_line_processor", "config": {}}, tokenizer_step,
-                             by_name["device_processor"], normalizer]
-        path.write_text(json.dumps(pipeline, indent=2))
+    def preprocessor_steps(self) -> list[dict[str, Any]]:
+        """LeRobot's SmolVLA pipeline: a newline appended to the task, then the tokenizer (so the
+        normalizer's stats file is step 5)."""
+        return [{"registry_name": "smolvla_new_line_processor", "config": {}},
+                {"registry_name": "tokenizer_processor", "config": {
+                    "max_length": self.config.tokenizer_max_length, "task_key": "task", "padding_side": "right",
+                    "padding": self.config.pad_language_to, "truncation": True,
+                    "tokenizer_name": self.config.vlm_model_name}}]
 
 
 def _special_token_id(tokenizer, attribute: str, token: str) -> int:
