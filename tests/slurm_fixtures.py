@@ -271,7 +271,7 @@ class SlurmCluster:
                          ["scontrol", "show", "job", str(job_id)]):
                 proc = _run(args)
                 lines += [f"$ {' '.join(args)}", (proc.stdout + proc.stderr).rstrip()]
-        lines += [f"$ sinfo -N", (_run(["sinfo", "-N"]).stdout or "").rstrip()]
+        lines += ["$ sinfo -N", (_run(["sinfo", "-N"]).stdout or "").rstrip()]
         for log in ("slurmctld.log", "slurmd.log"):
             path = self.state_dir / "log" / log
             if path.is_file():

@@ -9,7 +9,6 @@ JSON on its last line (out(...)). The "robotrain" logger writes to the child's s
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import textwrap
 from pathlib import Path

@@ -3,9 +3,7 @@ local Hub emulator, checked with the real huggingface_hub client."""
 
 from __future__ import annotations
 
-import json
 import shutil
-from pathlib import Path
 
 import pytest
 
