@@ -61,7 +61,7 @@ class State:
         root = data.prepare(cfg.dataset)
         fps = load_meta(root).fps
         dataset = LeRobotDataset(
-            root, cfg.dataset.repo_id, tolerance_s=cfg.dataset.tolerance_s,
+            cfg.dataset.repo_id, root, tolerance_s=cfg.dataset.tolerance_s,
             delta_timestamps={"action": [i / fps for i in cfg.policy.action_delta_indices]},
         )
         torch.manual_seed(cfg.seed)

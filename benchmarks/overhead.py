@@ -124,7 +124,7 @@ def run_bare(cfg) -> Measured:
     root = data.prepare(cfg.dataset)
     fps = load_meta(root).fps
     dataset = LeRobotDataset(
-        root, cfg.dataset.repo_id,
+        cfg.dataset.repo_id, root,
         delta_timestamps={"action": [i / fps for i in cfg.policy.action_delta_indices]},
         tolerance_s=cfg.dataset.tolerance_s,
     )

@@ -59,6 +59,8 @@ class SyntheticConfig:
     """Seed of the generator: the same seed always writes the same dataset."""
     image_size: int = 32
     """Side of the square rendered camera image, in pixels."""
+    video: bool = False
+    """Store the camera as AV1 MP4 video (LeRobot's default) instead of PNG images in the parquet."""
 
     def __post_init__(self) -> None:
         _require(self.num_episodes > 0, f"dataset.synthetic.num_episodes must be > 0, got {self.num_episodes}")
@@ -80,7 +82,13 @@ class DatasetConfig:
     tolerance_s: float = 1e-4
     """Tolerance when matching `delta_timestamps` to frame times, in seconds."""
     image_cache_mb: float = 2048
-    """Keep decoded camera frames in memory up to this size (per process); 0 decodes every read."""
+    """Keep decoded image-camera frames in memory up to this size (per process); 0 decodes every read."""
+    video_backend: str = "torchcodec"
+    """Decoder of video cameras: `torchcodec` (system FFmpeg) or `pyav` (bundled FFmpeg)."""
+    video_decoder_cache: int = 32
+    """Open video files kept per data-loading process (least recently used closed first)."""
+    video_decoder_cache_mb: float = 512
+    """Memory budget of those open decoders per process, in MB (estimated from frame sizes)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Generator settings for the embedded task."""
 

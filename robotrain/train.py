@@ -31,7 +31,7 @@ from accelerate import Accelerator
 
 from robotrain import checkpoint, data, distributed, fsdp, peft, policies, tracking
 from robotrain.config import TrainConfig, to_dict
-from robotrain.data.loader import batches, make_loader
+from robotrain.data.loader import batches, make_loader, to_device
 from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
 from robotrain.errors import UserError
 from robotrain.optim import make_optimizer, make_scheduler
@@ -238,8 +238,7 @@ def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, sampler, positi
 
 def _update(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, scheduler, batch: dict):
     """One optimizer step on one batch; returns (loss, grad norm or None) as tensors."""
-    batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    loss, _ = policy(batch)
+    loss, _ = policy(to_device(batch, accelerator.device))
     accelerator.backward(loss)
     grad_norm = None
     if cfg.optim.grad_clip_norm > 0:

@@ -26,6 +26,7 @@ from robotrain.data.lerobot_format import LeRobotDataset, aggregate_stats, load_
 from robotrain.errors import UserError
 
 REFERENCE = Path(__file__).parent / "data" / "lerobot_v3_tiny"
+REPO_ID = "lerobot_ref/tiny"
 LENGTHS = [20, 25, 30, 35, 40]
 STARTS = np.cumsum([0] + LENGTHS)[:-1]
 TASKS = ["pick up the red cube", "push the blue block to the left", "open the drawer"]
@@ -90,7 +91,7 @@ def assert_same_frames(a: LeRobotDataset, b: LeRobotDataset) -> None:
 
 @pytest.fixture(scope="module")
 def reference() -> LeRobotDataset:
-    return LeRobotDataset(REFERENCE)
+    return LeRobotDataset(REPO_ID, root=REFERENCE)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +163,7 @@ def test_reference_stats_are_read_from_stats_json(reference):
 def test_delta_timestamps_clamp_to_the_episode_and_flag_padding(reference):
     deltas = {"action": [k / 10 for k in range(10)], "observation.state": [-0.2, -0.1, 0.0],
               "observation.image": [-0.1, 0.0]}
-    ds = LeRobotDataset(REFERENCE, delta_timestamps=deltas)
+    ds = LeRobotDataset(REPO_ID, root=REFERENCE, delta_timestamps=deltas)
     # Episode 1 (global 20..44): its first frame looks back past the start...
     first = ds[20]
     assert first["observation.state_is_pad"].tolist() == [True, True, False]
@@ -178,26 +179,26 @@ def test_delta_timestamps_clamp_to_the_episode_and_flag_padding(reference):
 
 
 def test_delta_timestamps_keep_lerobot_key_order(reference):
-    ds = LeRobotDataset(REFERENCE, delta_timestamps={"action": [0.0, 0.1]})
+    ds = LeRobotDataset(REPO_ID, root=REFERENCE, delta_timestamps={"action": [0.0, 0.1]})
     assert list(ds[0]) == [*reference_info()["features"], "action_is_pad", "task"]
 
 
 def test_delta_timestamps_off_the_frame_grid_are_refused():
     with pytest.raises(UserError, match=r"multiples of 1/10") as err:
-        LeRobotDataset(REFERENCE, delta_timestamps={"action": [0.0, 0.05]})
+        LeRobotDataset(REPO_ID, root=REFERENCE, delta_timestamps={"action": [0.0, 0.05]})
     assert "\n" not in str(err.value)
 
 
 def test_delta_timestamps_for_an_unknown_feature_are_refused():
     with pytest.raises(UserError, match="not a feature"):
-        LeRobotDataset(REFERENCE, delta_timestamps={"observation.velocity": [0.0]})
+        LeRobotDataset(REPO_ID, root=REFERENCE, delta_timestamps={"observation.velocity": [0.0]})
 
 
 # ---- episode subsets and worker processes --------------------------------------------------
 
 
 def test_episode_subset_holds_only_those_episodes(reference):
-    ds = LeRobotDataset(REFERENCE, episodes=[3, 1], delta_timestamps={"action": [-0.1, 0.0]})
+    ds = LeRobotDataset(REPO_ID, root=REFERENCE, episodes=[3, 1], delta_timestamps={"action": [-0.1, 0.0]})
     assert len(ds) == 25 + 35 and ds.num_episodes == 2
     assert [int(ds[i]["index"]) for i in range(len(ds))] == list(range(20, 45)) + list(range(75, 110))
     item = ds[25]  # first frame of episode 3
@@ -208,7 +209,7 @@ def test_episode_subset_holds_only_those_episodes(reference):
 
 def test_unknown_episodes_are_refused():
     with pytest.raises(UserError, match=r"episodes \[7\]"):
-        LeRobotDataset(REFERENCE, episodes=[1, 7])
+        LeRobotDataset(REPO_ID, root=REFERENCE, episodes=[1, 7])
 
 
 def test_dataset_pickles_without_its_frames(reference):
@@ -230,7 +231,7 @@ def test_dataloader_workers_return_the_same_batches(reference):
 
 
 def test_written_dataset_reads_back_the_reference_frames(written, reference):
-    assert_same_frames(LeRobotDataset(written), reference)
+    assert_same_frames(LeRobotDataset(REPO_ID, root=written), reference)
 
 
 def test_written_info_json_equals_lerobots(written):
@@ -291,7 +292,7 @@ def test_writer_rolls_data_files_and_chunks_at_the_size_limit(tmp_path, referenc
                      "data/chunk-001/file-000.parquet", "data/chunk-001/file-001.parquet",
                      "data/chunk-002/file-000.parquet"]
     assert meta.episode_data_files == files
-    assert_same_frames(LeRobotDataset(root), reference)
+    assert_same_frames(LeRobotDataset(REPO_ID, root=root), reference)
 
 
 def test_written_folder_has_the_usual_permissions(written):
@@ -385,7 +386,7 @@ def v21_episode_table(e: int, n: int) -> pa.Table:
 
 def test_v21_dataset_reads_the_same_frames_as_v30(tmp_path, reference):
     write_v21(tmp_path / "v21")
-    v21 = LeRobotDataset(tmp_path / "v21")
+    v21 = LeRobotDataset(REPO_ID, root=tmp_path / "v21")
     assert v21.meta.codebase_version == "v2.1"
     assert v21.meta.episode_from.tolist() == STARTS.tolist() and v21.meta.tasks == TASKS
     assert_same_frames(v21, reference)
@@ -456,17 +457,17 @@ def test_unsupported_codebase_version_is_refused_with_the_fix(tmp_path, version)
 
 def test_missing_info_json_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"no meta/info.json in .*not a LeRobot dataset"):
-        LeRobotDataset(tmp_path)
+        LeRobotDataset(REPO_ID, root=tmp_path)
 
 
-def test_video_features_are_refused_until_decoding_exists(tmp_path):
+def test_video_feature_without_episode_video_columns_is_refused(tmp_path):
     root = copy_reference(tmp_path)
     features = reference_info()["features"]
     features["observation.images.wrist"] = {"dtype": "video", "shape": [32, 32, 3],
                                             "names": ["height", "width", "channels"]}
     edit_info(root, features=features)
-    with pytest.raises(UserError, match=r"as video.*not decode") as err:
-        LeRobotDataset(root)
+    with pytest.raises(UserError, match=r"meta/episodes lacks the columns .*wrist/from_timestamp.* re-download") as err:
+        LeRobotDataset(REPO_ID, root=root)
     assert "\n" not in str(err.value)
 
 
@@ -474,12 +475,12 @@ def test_missing_data_file_is_refused(tmp_path):
     root = copy_reference(tmp_path)
     (root / DATA_FILE).unlink()
     with pytest.raises(UserError, match=r"no data/chunk-000/file-000.parquet in .*re-download"):
-        LeRobotDataset(root)
+        LeRobotDataset(REPO_ID, root=root)
 
 
-def test_writer_refuses_video_features(tmp_path):
-    features = {"cam": {"dtype": "video", "shape": [8, 8, 3], "names": ["height", "width", "channels"]}}
-    with pytest.raises(UserError, match="dtype 'video'"):
+def test_writer_refuses_a_video_feature_that_is_not_rgb(tmp_path):
+    features = {"cam": {"dtype": "video", "shape": [8, 8, 1], "names": ["height", "width", "channels"]}}
+    with pytest.raises(UserError, match=r"video feature 'cam' needs shape \[height, width, 3\]"):
         write_dataset(tmp_path / "ds", repo_id="a/b", fps=10, features=features, episodes=[])
 
 
@@ -488,7 +489,7 @@ DELTAS = {"action": [-0.1, 0.0, 0.1, 0.2], "observation.image": [-0.1, 0.0]}
 
 @pytest.mark.parametrize("image_cache_mb", [2048, 0])
 def test_get_batch_equals_collated_items(image_cache_mb):
-    ds = LeRobotDataset(REFERENCE, delta_timestamps=DELTAS, image_cache_mb=image_cache_mb)
+    ds = LeRobotDataset(REPO_ID, root=REFERENCE, delta_timestamps=DELTAS, image_cache_mb=image_cache_mb)
     indices = [0, 19, 20, 149, 75, 19, -1]  # episode starts and ends, a repeat, a negative index
     batch = ds.get_batch(indices)
     expected = torch.utils.data.default_collate([ds[i] for i in indices])
@@ -501,8 +502,8 @@ def test_get_batch_equals_collated_items(image_cache_mb):
 
 
 def test_cached_images_equal_freshly_decoded_ones():
-    cached = LeRobotDataset(REFERENCE)
-    uncached = LeRobotDataset(REFERENCE, image_cache_mb=0)
+    cached = LeRobotDataset(REPO_ID, root=REFERENCE)
+    uncached = LeRobotDataset(REPO_ID, root=REFERENCE, image_cache_mb=0)
     for i in (3, 3, 77):  # the second read of 3 comes from the cache
         assert torch.equal(cached[i]["observation.image"], uncached[i]["observation.image"])
 

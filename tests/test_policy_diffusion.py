@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from robotrain import policies
-from robotrain.config import parse
+from robotrain.config import SYNTHETIC_REPO_ID, parse
 from robotrain.data import synthetic
 from robotrain.data.lerobot_format import LeRobotDataset
 from robotrain.errors import UserError
@@ -61,10 +61,10 @@ def dataset(tmp_path_factory):
     features), sampled with the tiny policy's observation history and action horizon."""
     root = synthetic.ensure_dataset(synthetic.SyntheticSpec(4, 0, 32), tmp_path_factory.mktemp("ds") / "d")
     config = tiny_config()
-    meta = LeRobotDataset(root).meta
+    meta = LeRobotDataset(SYNTHETIC_REPO_ID, root=root).meta
     inputs, outputs = policies.features_from_dataset(meta.features)
     config = dataclasses.replace(config, input_features=inputs, output_features=outputs)
-    return LeRobotDataset(root, delta_timestamps=config.delta_timestamps(synthetic.FPS))
+    return LeRobotDataset(SYNTHETIC_REPO_ID, root=root, delta_timestamps=config.delta_timestamps(synthetic.FPS))
 
 
 def tiny_config(**fields) -> DiffusionConfig:

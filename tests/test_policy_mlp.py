@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from robotrain import policies
-from robotrain.config import parse
+from robotrain.config import SYNTHETIC_REPO_ID, parse
 from robotrain.data import synthetic
 from robotrain.data.lerobot_format import LeRobotDataset
 from robotrain.eval import observation_to_batch
@@ -17,7 +17,7 @@ from robotrain.eval import observation_to_batch
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = synthetic.ensure_dataset(synthetic.SyntheticSpec(4, 0, 16), tmp_path_factory.mktemp("ds") / "d")
-    return LeRobotDataset(root, delta_timestamps={"action": [i / synthetic.FPS for i in range(10)]})
+    return LeRobotDataset(SYNTHETIC_REPO_ID, root=root, delta_timestamps={"action": [i / synthetic.FPS for i in range(10)]})
 
 
 def make_policy(dataset, **fields):

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from robotrain.config import SYNTHETIC_REPO_ID
 from robotrain import policies
 from robotrain.data import synthetic
 from robotrain.data.lerobot_format import LeRobotDataset
@@ -36,7 +37,7 @@ def tiny_vlm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = synthetic.ensure_dataset(synthetic.SyntheticSpec(4, 0, 32), tmp_path_factory.mktemp("ds") / "d")
-    return LeRobotDataset(root, delta_timestamps={"action": [i / synthetic.FPS for i in range(10)]})
+    return LeRobotDataset(SYNTHETIC_REPO_ID, root=root, delta_timestamps={"action": [i / synthetic.FPS for i in range(10)]})
 
 
 def make_policy(dataset, tiny_vlm, **fields):

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from robotrain.config import SYNTHETIC_REPO_ID
 from robotrain.data import synthetic
 from robotrain.data.lerobot_format import LeRobotDataset
 
@@ -26,7 +27,7 @@ def test_generated_dataset_is_lerobot_v3_with_state_image_action_and_task(datase
     for path in ("meta/stats.json", "meta/tasks.parquet", "meta/episodes/chunk-000/file-000.parquet",
                  "data/chunk-000/file-000.parquet"):
         assert (dataset_root / path).is_file()
-    item = LeRobotDataset(dataset_root)[0]
+    item = LeRobotDataset(SYNTHETIC_REPO_ID, root=dataset_root)[0]
     assert item["observation.state"].shape == (4,) and item["action"].shape == (2,)
     assert item["observation.image"].shape == (3, 16, 16)
     assert item["task"] == synthetic.TASK
@@ -37,7 +38,7 @@ def test_generation_is_a_pure_function_of_the_seed(tmp_path):
     b = synthetic.ensure_dataset(SPEC, tmp_path / "b")
     c = synthetic.ensure_dataset(synthetic.SyntheticSpec(6, 4, 16), tmp_path / "c")
     data = "data/chunk-000/file-000.parquet"
-    ds_a, ds_b, ds_c = (LeRobotDataset(p) for p in (a, b, c))
+    ds_a, ds_b, ds_c = (LeRobotDataset(SYNTHETIC_REPO_ID, root=p) for p in (a, b, c))
     assert len(ds_a) == len(ds_b)
     for i in range(len(ds_a)):
         for key in ("observation.state", "observation.image", "action"):

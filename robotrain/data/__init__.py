@@ -19,7 +19,8 @@ def prepare(cfg: DatasetConfig) -> Path:
     from robotrain.data import synthetic
 
     if cfg.is_synthetic:
-        spec = synthetic.SyntheticSpec(cfg.synthetic.num_episodes, cfg.synthetic.seed, cfg.synthetic.image_size)
+        spec = synthetic.SyntheticSpec(cfg.synthetic.num_episodes, cfg.synthetic.seed, cfg.synthetic.image_size,
+                                       cfg.synthetic.video)
         return synthetic.ensure_dataset(spec, Path(cfg.root).expanduser() if cfg.root else None)
     if cfg.root is None:
         return download(cfg.repo_id, cfg.revision)
@@ -69,10 +70,23 @@ def load_meta(root: Path, repo_id: str | None = None):
 
 
 def open_dataset(cfg: DatasetConfig, meta, delta_timestamps: dict[str, list[float]]):
-    """The dataset `meta` describes (from `load_meta`), as `cfg` selects it."""
+    """The dataset `meta` describes (from `load_meta`), as `cfg` selects it, for training: camera
+    frames stay uint8 until the training device (`loader.to_device`)."""
     from robotrain.data.lerobot_format import LeRobotDataset
 
     return LeRobotDataset(
-        meta.root, cfg.repo_id, delta_timestamps=delta_timestamps, tolerance_s=cfg.tolerance_s, episodes=cfg.episodes,
-        image_cache_mb=cfg.image_cache_mb, meta=meta,
+        cfg.repo_id, meta.root, episodes=cfg.episodes, delta_timestamps=delta_timestamps,
+        tolerance_s=cfg.tolerance_s, video_backend=cfg.video_backend, return_uint8=True,
+        image_cache_mb=cfg.image_cache_mb, decoder_cache_size=cfg.video_decoder_cache,
+        decoder_cache_mb=cfg.video_decoder_cache_mb, meta=meta,
     )
+
+
+def __getattr__(name: str):
+    # `robotrain.data.LeRobotDataset`, the public home, imported on first use: reading the
+    # package (config, dispatch) must not pull in pyarrow and the video decoders.
+    if name == "LeRobotDataset":
+        from robotrain.data.lerobot_format import LeRobotDataset
+
+        return LeRobotDataset
+    raise AttributeError(f"module 'robotrain.data' has no attribute {name!r}")

@@ -5,20 +5,22 @@ Supported
   ``meta/episodes/chunk-*/file-*.parquet``, ``data/chunk-*/file-*.parquet``; any number of data
   files and chunks) and ``v2.1`` (one ``data/chunk-*/episode_*.parquet`` per episode,
   ``meta/episodes.jsonl``, ``meta/tasks.jsonl``, ``meta/episodes_stats.jsonl``).
-- Feature dtypes: float/int/bool scalars and 1-D vectors (any arrow list encoding), and
-  ``image`` features stored as embedded PNG/JPEG bytes (``struct<bytes: binary, path: string>``).
-- ``LeRobotDataset[i]`` returns what LeRobot 0.4's ``LeRobotDataset[i]`` returns: float features
+- Feature dtypes: float/int/bool scalars and 1-D vectors (any arrow list encoding),
+  ``image`` features stored as embedded PNG/JPEG bytes (``struct<bytes: binary, path: string>``),
+  and ``video`` features stored as MP4 files (v3.0: ``videos/<key>/chunk-*/file-*.mp4`` holding
+  several episodes, each starting at its ``videos/<key>/from_timestamp``; v2.1:
+  ``videos/chunk-*/<key>/episode_*.mp4``), decoded by ``robotrain.data.video``.
+- ``LeRobotDataset[i]`` returns what LeRobot 0.6.1's ``LeRobotDataset[i]`` returns: float features
   as float32 tensors (scalars for shape ``[1]``), ints as int64, images as float32 (C, H, W) in
   [0, 1], ``task`` as a string, and for each ``delta_timestamps`` key the stacked frames plus a
   ``<key>_is_pad`` mask, with out-of-episode frames clamped to the episode's first/last frame.
 - Writing codebase ``v3.0`` with images embedded in the data parquet (LeRobot's
-  ``use_videos=False`` layout), file names, arrow types, info.json and per-episode statistics
-  as LeRobot 0.4.4 writes them.
+  ``use_videos=False`` layout) or video cameras as AV1 MP4 (``use_videos=True``), file names,
+  arrow types, info.json and per-episode statistics as LeRobot writes them.
 
 Not supported (each is a one-line ``UserError``): codebase versions other than v3.0 and v2.1
-(convert with LeRobot's conversion scripts), ``video`` features (they need decoding, which comes
-later), images stored as file paths instead of embedded bytes, and, for the writer only,
-features of more than one dimension other than images.
+(convert with LeRobot's conversion scripts), images stored as file paths instead of embedded
+bytes, depth-map videos, and, for the writer only, features of more than one dimension other than cameras.
 
 Deviations from LeRobot (on purpose), and one note
 - Image ``std`` statistics: LeRobot 0.4.4 squares uint8 pixels in uint8, which overflows and
@@ -43,6 +45,7 @@ metadata and each worker decodes the data files again on its first item.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -60,6 +63,18 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from robotrain.data.video import (
+    DEFAULT_DECODER_CACHE_MB,
+    DEFAULT_DECODER_CACHE_SIZE,
+    DecoderCache,
+    VideoColumn,
+    VideoEncoder,
+    check_backend,
+    encoder_info,
+    frames_shape,
+    pick_codec,
+    video_keys,
+)
 from robotrain.errors import UserError
 from robotrain.fsutil import fsync_dir, fsync_tree
 
@@ -82,6 +97,8 @@ NUM_QUANTILE_BINS = 5000  # LeRobot's histogram resolution for quantiles
 
 V30_DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 V21_DATA_PATH = "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet"
+V30_VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
+V21_VIDEO_PATH = "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4"
 V30_EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 DEFAULT_CHUNKS_SIZE = 1000
 DEFAULT_DATA_FILES_SIZE_IN_MB = 100
@@ -111,6 +128,8 @@ class DatasetMeta:
     episode_from: np.ndarray  # int64 (E,), global index of the episode's first frame
     episode_to: np.ndarray  # int64 (E,), exclusive
     episode_data_files: list[str] = field(default_factory=list)  # data parquet of each episode, relative
+    # Per video camera: (MP4 of each episode, relative; the episode's start time in that file, s).
+    episode_videos: dict[str, tuple[list[str], np.ndarray]] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # meta/info.json as read
 
     @property
@@ -124,6 +143,10 @@ class DatasetMeta:
     @property
     def camera_keys(self) -> list[str]:
         return [k for k, ft in self.features.items() if ft["dtype"] in CAMERA_DTYPES]
+
+    @property
+    def video_keys(self) -> list[str]:
+        return [k for k, ft in self.features.items() if ft["dtype"] == "video"]
 
     def episode_position(self, episode: int) -> int:
         """Position of `episode` in the episode arrays (they need not be contiguous)."""
@@ -145,12 +168,6 @@ def load_meta(root: str | Path, repo_id: str | None = None) -> DatasetMeta:
     features = info.get("features")
     if not isinstance(features, dict) or "fps" not in info:
         raise UserError(f"{root / 'meta' / 'info.json'} lacks 'features' or 'fps'; it is not a LeRobot info.json")
-    videos = [k for k, ft in features.items() if ft.get("dtype") == "video"]
-    if videos:
-        raise UserError(
-            f"dataset at {root} stores {videos} as video, which robotrain does not decode yet "
-            "(videos need decoding, that comes later) — use a dataset with image features"
-        )
     lacking = [k for k in DEFAULT_FEATURES if k not in features]
     if lacking:
         raise UserError(f"{root / 'meta' / 'info.json'} lacks LeRobot's features {lacking}; re-download the dataset")
@@ -169,6 +186,7 @@ def load_meta(root: str | Path, repo_id: str | None = None) -> DatasetMeta:
         episode_from=episodes["from"],
         episode_to=episodes["to"],
         episode_data_files=episodes["data_files"],
+        episode_videos=episodes["videos"],
         info=info,
     )
 
@@ -219,6 +237,7 @@ def _load_v30_meta(root: Path, info: dict) -> tuple[list[str], dict[str, Any], d
         "from": cols["dataset_from_index"][order],
         "to": cols["dataset_to_index"][order],
         "data_files": data_files,
+        "videos": _v30_episode_videos(root, info, table, order),
     }
     stats_path = root / "meta" / "stats.json"
     if stats_path.is_file():
@@ -226,6 +245,21 @@ def _load_v30_meta(root: Path, info: dict) -> tuple[list[str], dict[str, Any], d
     else:  # LeRobot writes stats.json; without it, aggregate the per-episode stats it also writes
         stats = aggregate_stats([_episode_stats_from_row(row) for row in _stats_rows(table)])
     return tasks, episodes, stats
+
+
+def _v30_episode_videos(root: Path, info: dict, table: pa.Table, order: np.ndarray) -> dict[str, tuple]:
+    """Each video camera's file and start time per episode, from the episodes parquet."""
+    videos = {}
+    template = info.get("video_path") or V30_VIDEO_PATH
+    for key in video_keys(info["features"]):
+        names = [f"videos/{key}/{c}" for c in ("chunk_index", "file_index", "from_timestamp")]
+        if any(name not in table.column_names for name in names):
+            raise UserError(f"{root}/meta/episodes lacks the columns {names} of video feature {key!r}; "
+                            "re-download the dataset")
+        chunk, file, start = (table.column(n).to_numpy()[order] for n in names)
+        files = [template.format(video_key=key, chunk_index=int(c), file_index=int(f)) for c, f in zip(chunk, file)]
+        videos[key] = (files, start.astype(np.float64))
+    return videos
 
 
 def _read_tasks_parquet(path: Path, root: Path) -> list[str]:
@@ -275,6 +309,7 @@ def _load_v21_meta(root: Path, info: dict) -> tuple[list[str], dict[str, Any], d
     to = np.cumsum(lengths)
     chunks_size = int(info.get("chunks_size", DEFAULT_CHUNKS_SIZE))
     data_path = info.get("data_path", V21_DATA_PATH)
+    video_path = info.get("video_path") or V21_VIDEO_PATH
     episodes = {
         "episode_index": np.array([r["episode_index"] for r in rows], dtype=np.int64),
         "from": to - lengths,
@@ -283,6 +318,12 @@ def _load_v21_meta(root: Path, info: dict) -> tuple[list[str], dict[str, Any], d
             data_path.format(episode_chunk=r["episode_index"] // chunks_size, episode_index=r["episode_index"])
             for r in rows
         ],
+        # v2.1 keeps one MP4 per episode and camera, starting at time 0.
+        "videos": {
+            key: ([video_path.format(episode_chunk=r["episode_index"] // chunks_size, video_key=key,
+                                     episode_index=r["episode_index"]) for r in rows], np.zeros(len(rows)))
+            for key in video_keys(info["features"])
+        },
     }
     if (meta / "stats.json").is_file():
         stats = _stats_from_json(_read_json(meta / "stats.json", root))
@@ -517,10 +558,16 @@ class _DecodedImages:
         return self.cache[rows]
 
 
-def _to_chw_float(pixels: np.ndarray) -> torch.Tensor:
-    """(..., H, W, C) integer pixels -> (..., C, H, W) float32 in [0, 1] (torchvision's ToTensor)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).movedim(-1, -3).contiguous()
-    return tensor.float().div_(255) if tensor.dtype == torch.uint8 else tensor
+def _camera_tensor(pixels_chw: np.ndarray, uint8: bool) -> torch.Tensor:
+    """(..., C, H, W) pixels -> a tensor: uint8 as they are, or float32 in [0, 1] (torchvision's
+    ToTensor; `to_float` does the same later, on the training device)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels_chw))
+    return tensor if uint8 or tensor.dtype != torch.uint8 else to_float(tensor)
+
+
+def to_float(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 camera frames -> float32 in [0, 1], exactly as LeRobot converts them."""
+    return pixels.float().div_(255)
 
 
 def _concat(pieces: list[np.ndarray], dtype: type) -> np.ndarray:
@@ -537,14 +584,20 @@ class _Frames:
     decoded: dict[str, _DecodedImages] = field(default_factory=dict)
     first_row: np.ndarray | None = None  # row -> first row of its episode
     end_row: np.ndarray | None = None  # row -> one past the last row of its episode
+    videos: dict[str, VideoColumn] = field(default_factory=dict)
+    decoders: DecoderCache | None = None  # this process's open video files
+    tolerance_s: float = 1e-4
 
     def __len__(self) -> int:
         return len(self.arrays["index"])
 
-    def get(self, key: str, rows: int | np.ndarray) -> Any:
-        """Feature `key` at a row (one frame) or an array of rows (stacked along its shape)."""
+    def get(self, key: str, rows: int | np.ndarray, uint8: bool = False) -> Any:
+        """Feature `key` at a row (one frame) or an array of rows (stacked along its shape);
+        camera frames (C, H, W), float32 in [0, 1] or, with `uint8`, as stored."""
+        if key in self.videos:
+            return _camera_tensor(self.videos[key].take(np.asarray(rows), self.decoders, self.tolerance_s), uint8)
         if key in self.decoded:
-            return _to_chw_float(self.decoded[key].take(np.asarray(rows)))
+            return _camera_tensor(np.moveaxis(self.decoded[key].take(np.asarray(rows)), -1, -3), uint8)
         values = self.arrays[key][rows]
         if values.dtype == object:  # string features
             return values.tolist() if isinstance(rows, np.ndarray) else values
@@ -561,14 +614,21 @@ class _Frames:
         for key, column in self.images.items():
             self.decoded[key] = _DecodedImages(column, meta.features[key]["shape"], image_budget_bytes)
             image_budget_bytes -= 0 if self.decoded[key].cache is None else self.decoded[key].cache.nbytes
+        position = np.searchsorted(meta.episode_index, self.arrays["episode_index"])  # row -> episode position
+        time = self.arrays["timestamp"].astype(np.float64)  # LeRobot: float32 timestamp + float64 offset
+        for key, (files, starts) in meta.episode_videos.items():
+            names, file_of_episode = np.unique(np.array(files, dtype=object), return_inverse=True)
+            self.videos[key] = VideoColumn(
+                key, meta.root, [str(n) for n in names], file_of_episode[position], starts[position] + time,
+                self.arrays["episode_index"], frames_shape(meta.features[key]))
 
 
 def _load_frames(meta: DatasetMeta, positions: np.ndarray) -> _Frames:
     """Decode the data files of the episodes at `positions` into numpy columns (once)."""
-    keys = [k for k in meta.features]
+    keys = [k for k in meta.features if meta.features[k]["dtype"] != "video"]  # videos are not in the parquet
     wanted = set(meta.episode_index[positions].tolist())
     files = list(dict.fromkeys(meta.episode_data_files[p] for p in positions))
-    arrays: dict[str, list[np.ndarray]] = {k: [] for k in keys if meta.features[k]["dtype"] != "image"}
+    arrays: dict[str, list[np.ndarray]] = {k: [] for k in keys if meta.features[k]["dtype"] not in CAMERA_DTYPES}
     images: dict[str, list[_ImageColumn]] = {k: [] for k in keys if meta.features[k]["dtype"] == "image"}
     for rel in files:
         table = _read_parquet(meta.root / rel, meta.root, columns=keys)  # only the features info.json lists
@@ -629,28 +689,50 @@ def _delta_indices(
 
 
 class LeRobotDataset(torch.utils.data.Dataset):
-    """Frames of a local LeRobot dataset (v3.0 or v2.1), item for item as LeRobot returns them.
+    """Frames of a LeRobot dataset (v3.0 or v2.1), item for item as LeRobot 0.6.1 returns them.
 
-    `episodes` selects a subset (by episode index); `delta_timestamps` maps a feature to time
-    offsets in seconds (multiples of 1/fps within `tolerance_s`): that feature is then returned
-    stacked over the offsets, with `<key>_is_pad` True where the offset leaves the episode (the
-    value there repeats the episode's first or last frame). `meta`: the dataset's metadata if
-    the caller has read it already (`load_meta`), so that it is not read twice.
+    The constructor takes LeRobot's arguments: `root` is the local folder (None: the dataset
+    `repo_id` in `$HF_LEROBOT_HOME`, downloaded once if absent); `episodes` selects a subset
+    (by episode index); `delta_timestamps` maps a feature to time offsets in seconds (multiples
+    of 1/fps within `tolerance_s`): that feature is then returned stacked over the offsets, with
+    `<key>_is_pad` True where the offset leaves the episode (the value there repeats the
+    episode's first or last frame); `video_backend` decodes video cameras (`torchcodec`, the
+    default, or `pyav`).
+
+    Keyword-only, robotrain's: `return_uint8` returns camera frames as uint8 (C, H, W) instead
+    of float32 in [0, 1] — for image cameras too, where LeRobot converts those to float always;
+    `image_cache_mb` keeps decoded embedded images up to that size; `decoder_cache_size` /
+    `decoder_cache_mb` bound the open video decoders per process; `meta`: the metadata if the
+    caller has read it already (`load_meta`), so that it is not read twice.
+
+    Reading a batch: `get_batch(indices)` returns the collated batch directly, and
+    `__getitems__(indices)` (which `torch.utils.data.DataLoader` calls with a batch's indices)
+    returns the list of items; both decode each video file once per batch, in time order.
     """
 
     def __init__(
         self,
-        root: str | Path,
-        repo_id: str | None = None,
-        *,
+        repo_id: str,
+        root: str | Path | None = None,
+        episodes: list[int] | None = None,
         delta_timestamps: dict[str, list[float]] | None = None,
         tolerance_s: float = 1e-4,
-        episodes: list[int] | None = None,
+        video_backend: str | None = None,
+        *,
+        return_uint8: bool = False,
         image_cache_mb: float = 2048,
+        decoder_cache_size: int = DEFAULT_DECODER_CACHE_SIZE,
+        decoder_cache_mb: float = DEFAULT_DECODER_CACHE_MB,
         meta: DatasetMeta | None = None,
     ):
         super().__init__()
-        self.meta = meta if meta is not None else load_meta(root, repo_id)
+        if meta is None:
+            if root is None:
+                from robotrain.data import download
+
+                root = download(repo_id, None)
+            meta = load_meta(root, repo_id)
+        self.meta = meta
         self.root = self.meta.root
         self.repo_id = repo_id
         self.tolerance_s = tolerance_s
@@ -658,7 +740,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.delta_indices = _delta_indices(delta_timestamps, self.meta, tolerance_s)
         self.episodes = None if episodes is None else sorted(set(int(e) for e in episodes))
         self._positions = self._episode_positions(self.episodes)
+        self.return_uint8 = return_uint8
         self.image_cache_mb = image_cache_mb
+        self.video_backend = check_backend(video_backend) if self.meta.video_keys else video_backend
+        self._check_video_files()
+        self.decoder_cache = (decoder_cache_size, int(decoder_cache_mb * 2**20))
         self._frames: _Frames | None = None
         self._num_frames = len(self._data())
 
@@ -673,6 +759,14 @@ class LeRobotDataset(torch.utils.data.Dataset):
                 f"{int(self.meta.episode_index.min())}..{int(self.meta.episode_index.max())})"
             )
         return np.array([self.meta.episode_position(e) for e in episodes], dtype=np.int64)
+
+    def _check_video_files(self) -> None:
+        """Every MP4 the selected episodes need exists (a stat per file; nothing is decoded)."""
+        for key, (files, _) in self.meta.episode_videos.items():
+            for rel in dict.fromkeys(files[p] for p in self._positions):
+                if not (self.root / rel).is_file():
+                    raise UserError(f"video file {self.root / rel} of {key!r} is missing (meta/info.json's "
+                                    "video_path names it); re-download the dataset")
 
     @property
     def fps(self) -> int:
@@ -707,6 +801,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
         if self._frames is None:  # first use, or unpickled in a worker: read the data files here, once
             self._frames = _load_frames(self.meta, self._positions)
             self._frames.index_episodes(self.meta, int(self.image_cache_mb * 2**20))
+            if self.meta.video_keys:
+                self._frames.decoders = DecoderCache(self.video_backend, *self.decoder_cache)
+                self._frames.tolerance_s = self.tolerance_s
         return self._frames
 
     def __getstate__(self) -> dict[str, Any]:
@@ -721,6 +818,11 @@ class LeRobotDataset(torch.utils.data.Dataset):
         """Frames `indices` as one batch: what `default_collate([ds[i] for i in indices])`
         returns, built with array indexing instead of per-frame Python."""
         return self._query(self._rows(np.asarray(indices, dtype=np.int64)))
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """`[ds[i] for i in indices]`, read as one batch (video files decoded once each)."""
+        batch = self.get_batch(indices)
+        return [{key: value[i] for key, value in batch.items()} for i in range(len(indices))]
 
     def _rows(self, idx: np.ndarray) -> np.ndarray:
         if np.any((idx < -self._num_frames) | (idx >= self._num_frames)):
@@ -737,12 +839,15 @@ class LeRobotDataset(torch.utils.data.Dataset):
         for key in self.features:
             offsets = self.delta_indices.get(key)
             if offsets is None:
-                item[key] = frames.get(key, rows)
+                item[key] = frames.get(key, rows, self.return_uint8)
                 continue
             target = rows[..., None] + offsets
             first, end = frames.first_row[rows][..., None], frames.end_row[rows][..., None]
             pads[f"{key}_is_pad"] = torch.from_numpy((target < first) | (target >= end))
-            item[key] = frames.get(key, np.clip(target, first, end - 1))
+            clamped = np.clip(target, first, end - 1)
+            if key in frames.videos and len(offsets) == 1:
+                clamped = clamped[..., 0]  # LeRobot squeezes a one-frame video query to (C, H, W)
+            item[key] = frames.get(key, clamped, self.return_uint8)
         item.update(pads)
         task_index = frames.arrays["task_index"][rows]
         item["task"] = self.meta.tasks[int(task_index)] if rows.ndim == 0 else [self.meta.tasks[int(t)] for t in task_index]
@@ -778,13 +883,11 @@ def _prepare_features(features: Mapping[str, Mapping[str, Any]]) -> dict[str, di
         if "/" in key:
             raise UserError(f"feature name {key!r} contains '/', which LeRobot forbids; rename it")
         dtype, shape = ft.get("dtype"), list(ft.get("shape", ()))
-        if dtype == "video":
-            raise UserError(
-                f"feature {key!r} has dtype 'video'; robotrain writes images only for now — use dtype 'image'"
-            )
-        if dtype == "image":
+        if dtype in CAMERA_DTYPES:
             if len(shape) != 3:
-                raise UserError(f"image feature {key!r} needs shape [height, width, channels], got {shape}")
+                raise UserError(f"{dtype} feature {key!r} needs shape [height, width, channels], got {shape}")
+            if dtype == "video" and (_is_channels_first(ft) or shape[2] != 3):
+                raise UserError(f"video feature {key!r} needs shape [height, width, 3] (RGB), got {shape}")
         else:
             try:
                 np.dtype(dtype)
@@ -814,6 +917,8 @@ def _arrow_type(ft: Mapping[str, Any]) -> pa.DataType:
 
 
 def _data_schema(features: Mapping[str, Mapping[str, Any]]) -> pa.Schema:
+    """The data parquet's schema: every feature but the videos, which live in MP4 files."""
+    features = {k: ft for k, ft in features.items() if ft["dtype"] != "video"}
     hf = {"info": {"features": {k: _hf_feature(ft) for k, ft in features.items()}}}
     schema = pa.schema([(k, _arrow_type(ft)) for k, ft in features.items()])
     return schema.with_metadata({"huggingface": json.dumps(hf)})
@@ -859,9 +964,9 @@ def _episode_arrays(
         got = arrays[key].shape
         if got != want and not (list(ft["shape"]) == [1] and got == (length, 1)):
             raise UserError(f"episode {number}: {key!r} has shape {got}, expected {want} (frames first)")
-        if ft["dtype"] == "image" and arrays[key].dtype != np.uint8:
-            raise UserError(f"episode {number}: image {key!r} is {arrays[key].dtype}; give uint8 pixels (0..255)")
-        if ft["dtype"] != "image":
+        if ft["dtype"] in CAMERA_DTYPES and arrays[key].dtype != np.uint8:
+            raise UserError(f"episode {number}: camera {key!r} is {arrays[key].dtype}; give uint8 pixels (0..255)")
+        if ft["dtype"] not in CAMERA_DTYPES:
             arrays[key] = arrays[key].reshape(want).astype(ft["dtype"], copy=False)
     task = episode["task"]
     tasks = [task] * length if isinstance(task, str) else [str(t) for t in task]
@@ -876,11 +981,14 @@ def _episode_arrays(
 class _V30Writer:
     """Accumulates episodes into a v3.0 folder: data files as they fill, metadata at the end."""
 
-    def __init__(self, folder: Path, fps: int, features: dict[str, dict[str, Any]], chunks_size: int, file_mb: float):
+    def __init__(self, folder: Path, fps: int, features: dict[str, dict[str, Any]], chunks_size: int, file_mb: float,
+                 video_file_mb: float = DEFAULT_VIDEO_FILES_SIZE_IN_MB):
         self.folder, self.fps, self.features = folder, fps, features
         self.user_features = {k: v for k, v in features.items() if k not in DEFAULT_FEATURES}
         self.chunks_size, self.file_mb = chunks_size, file_mb
         self.schema = _data_schema(features)
+        self.videos = {k: _VideoFiles(folder, k, fps, ft["shape"], chunks_size, video_file_mb)
+                       for k, ft in features.items() if ft["dtype"] == "video"}
         self.tasks: dict[str, int] = {}
         self.rows: list[dict[str, Any]] = []
         self.episode_stats: list[dict[str, dict[str, np.ndarray]]] = []
@@ -903,11 +1011,13 @@ class _V30Writer:
         arrays["task_index"] = np.array([self.tasks[t] for t in frame_tasks], dtype=np.int64)
         stats = self._stats(arrays)
         location = self._write_data(arrays, length)
+        videos = {name: value for key, files in self.videos.items() for name, value in files.add(arrays[key]).items()}
         self.rows.append({
             "episode_index": index,
             "tasks": list(dict.fromkeys(frame_tasks)),
             "length": length,
             **location,
+            **videos,
             **{f"stats/{k}/{s}": v for k, per in stats.items() for s, v in per.items()},
             "meta/episodes/chunk_index": 0,
             "meta/episodes/file_index": 0,
@@ -918,7 +1028,7 @@ class _V30Writer:
     def _stats(self, arrays: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
         stats = {}
         for key, ft in self.features.items():
-            if ft["dtype"] == "image":
+            if ft["dtype"] in CAMERA_DTYPES:  # videos: stats of the frames before lossy encoding, as LeRobot
                 chw = arrays[key] if _is_channels_first(ft) else arrays[key].transpose(0, 3, 1, 2)
                 stats[key] = _image_stats(chw)
             else:
@@ -941,7 +1051,7 @@ class _V30Writer:
             self.sink = pa.OSFile(str(path), "wb")
             self.writer = pq.ParquetWriter(self.sink, self.schema, compression="snappy", use_dictionary=True)
             self.file_start_frame = self.total_frames
-        columns = [_column_array(ft, arrays[k]) for k, ft in self.features.items()]
+        columns = [_column_array(ft, arrays[k]) for k, ft in self.features.items() if ft["dtype"] != "video"]
         self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
         return {
             "data/chunk_index": self.chunk_index,
@@ -956,10 +1066,15 @@ class _V30Writer:
             self.sink.close()
             self.writer, self.sink = None, None
 
+    def close(self) -> None:
+        self._close_data_file()
+        for files in self.videos.values():
+            files.close()
+
     def finish(self, robot_type: str | None) -> None:
         if not self.rows:
             raise UserError("write_dataset got no episodes; give at least one")
-        self._close_data_file()
+        self.close()
         meta = self.folder / "meta"
         meta.mkdir(parents=True, exist_ok=True)
         _write_episodes_parquet(self.rows, self.folder / V30_EPISODES_PATH.format(chunk_index=0, file_index=0))
@@ -983,9 +1098,48 @@ class _V30Writer:
             "fps": self.fps,
             "splits": {"train": f"0:{len(self.rows)}"},
             "data_path": V30_DATA_PATH,
-            "video_path": None,
-            "features": self.features,
+            "video_path": V30_VIDEO_PATH if self.videos else None,
+            "features": {k: {**ft, "info": self.videos[k].info()} if k in self.videos else ft
+                         for k, ft in self.features.items()},
         }
+
+
+class _VideoFiles:
+    """One camera's MP4 files in a v3.0 dataset being written: episodes are appended to the
+    current file, which rolls over past `file_mb` (LeRobot's rule), `chunks_size` per chunk."""
+
+    def __init__(self, folder: Path, key: str, fps: int, shape: list[int], chunks_size: int, file_mb: float):
+        self.folder, self.key, self.fps, self.chunks_size, self.file_mb = folder, key, fps, chunks_size, file_mb
+        self.height, self.width = int(shape[0]), int(shape[1])
+        self.codec = pick_codec()
+        self.chunk_index, self.file_index = 0, 0
+        self.encoder: VideoEncoder | None = None
+
+    def add(self, frames_hwc: np.ndarray) -> dict[str, Any]:
+        """Encode one episode; returns its `videos/<key>/...` columns of the episodes parquet."""
+        if self.encoder is not None and self.encoder.bytes_written / 2**20 >= self.file_mb:
+            self.encoder.close()
+            self.encoder = None
+            self.file_index += 1
+            if self.file_index == self.chunks_size:
+                self.chunk_index, self.file_index = self.chunk_index + 1, 0
+        if self.encoder is None:
+            path = self.folder / V30_VIDEO_PATH.format(video_key=self.key, chunk_index=self.chunk_index,
+                                                      file_index=self.file_index)
+            self.encoder = VideoEncoder(path, self.fps, self.height, self.width, self.codec)
+        start = self.encoder.frames
+        self.encoder.add(frames_hwc)
+        prefix = f"videos/{self.key}/"
+        return {prefix + "chunk_index": self.chunk_index, prefix + "file_index": self.file_index,
+                prefix + "from_timestamp": start / self.fps, prefix + "to_timestamp": self.encoder.frames / self.fps}
+
+    def info(self) -> dict[str, Any]:
+        return encoder_info(self.codec, self.fps, self.height, self.width)
+
+    def close(self) -> None:
+        if self.encoder is not None:
+            self.encoder.close()
+            self.encoder = None
 
 
 def _stat_type(value: np.ndarray) -> pa.DataType:
@@ -1004,6 +1158,8 @@ def _write_episodes_parquet(rows: list[dict[str, Any]], path: Path) -> None:
             values = [row[name].tolist() for row in rows]
         elif isinstance(first, list):
             arrow_type, values = _list_type(pa.string()), [row[name] for row in rows]
+        elif isinstance(first, float):
+            arrow_type, values = pa.float64(), [row[name] for row in rows]
         else:
             arrow_type, values = pa.int64(), [row[name] for row in rows]
         fields.append(pa.field(name, arrow_type))
@@ -1065,7 +1221,8 @@ def write_dataset(
 
     `features` is info.json's `features` for the user features (vectors: {"dtype": "float32",
     "shape": [n], "names": [...]}; images: {"dtype": "image", "shape": [H, W, 3], "names":
-    ["height", "width", "channels"]}); timestamp, frame_index, episode_index, index and
+    ["height", "width", "channels"]}; video cameras the same with dtype "video", written as AV1
+    MP4 with LeRobot's encoder settings, see `robotrain.data.video`); timestamp, frame_index, episode_index, index and
     task_index are added as LeRobot does. Each episode is `{feature: array with T rows (images
     uint8), "task": str}` (or one task string per frame). Data files roll over at
     `data_files_size_in_mb`, `chunks_size` files per chunk folder, as in LeRobot.
@@ -1088,7 +1245,8 @@ def write_dataset(
         fsync_tree(tmp)
         _publish(tmp, root)
     except BaseException:
-        writer._close_data_file()
+        with contextlib.suppress(Exception):  # keep the original error, not a failed encoder flush
+            writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(root.parent)

@@ -7,6 +7,9 @@
 - With `num_workers=0`, a background thread keeps `prefetch` batches ready, so the loop does
   not wait for data while the model computes (numpy and torch release the GIL for their work).
   With workers, the DataLoader's own `prefetch_factor` does that.
+- Camera frames (image or video) travel as uint8 — 4x less than float32 between worker
+  processes and to the device — and become float32 in [0, 1] on the training device
+  (`to_device`), with the same division LeRobot does on the CPU, so the values are identical.
 """
 
 from __future__ import annotations
@@ -27,6 +30,20 @@ class _Batches(Dataset):
 
     def __getitem__(self, indices: list[int]) -> dict[str, Any]:
         return self.dataset.get_batch(indices)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch on `device`, uint8 camera frames converted to float32 in [0, 1] there (the
+    dataset returns no other uint8 feature: integers are int64, as in LeRobot)."""
+    from robotrain.data.lerobot_format import to_float
+
+    moved = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value):
+            value = value.to(device, non_blocking=True)
+            value = to_float(value) if value.dtype == torch.uint8 else value
+        moved[key] = value
+    return moved
 
 
 def make_loader(dataset: Any, batch_sampler: Sampler[list[int]], *, num_workers: int, pin_memory: bool,

@@ -6,7 +6,9 @@ away from a target and moves by `SPEED * action` per step (actions are clipped t
 unit disc). An episode succeeds once the agent is within `SUCCESS_RADIUS` of the target.
 
 - `observation.state` = [agent_x, agent_y, target_x, target_y]  (float32)
-- `observation.image` = a top-down RGB rendering (agent red, target green)  (uint8 HWC)
+- `observation.image` = a top-down RGB rendering (agent red, target green)  (uint8 HWC),
+  stored as PNG in the data parquet, or (`video=True`) as an AV1 MP4 camera as most LeRobot
+  datasets store theirs
 - `action`            = the velocity command  (float32, 2)
 
 Everything is a pure function of its seed: the same seed writes byte-identical frames.
@@ -117,12 +119,13 @@ def expert_episodes(num_episodes: int, seed: int, image_size: int) -> Iterator[d
         yield episode
 
 
-def features(image_size: int) -> dict[str, dict]:
+def features(image_size: int, video: bool = False) -> dict[str, dict]:
     """The dataset's user features, in LeRobot info.json form."""
     return {
         "observation.state": {"dtype": "float32", "shape": [4], "names": ["agent_x", "agent_y", "target_x", "target_y"]},
         "observation.image": {
-            "dtype": "image", "shape": [image_size, image_size, 3], "names": ["height", "width", "channels"],
+            "dtype": "video" if video else "image", "shape": [image_size, image_size, 3],
+            "names": ["height", "width", "channels"],
         },
         "action": {"dtype": "float32", "shape": [2], "names": ["vx", "vy"]},
     }
@@ -135,9 +138,11 @@ class SyntheticSpec:
     num_episodes: int
     seed: int
     image_size: int
+    video: bool = False
 
     def folder_name(self) -> str:
-        return f"v{_FORMAT_VERSION}-ep{self.num_episodes}-seed{self.seed}-img{self.image_size}"
+        video = "-video" if self.video else ""
+        return f"v{_FORMAT_VERSION}-ep{self.num_episodes}-seed{self.seed}-img{self.image_size}{video}"
 
 
 def default_cache_root() -> Path:
@@ -169,7 +174,7 @@ def ensure_dataset(spec: SyntheticSpec, root: Path | None = None) -> Path:
             root,
             repo_id=SYNTHETIC_REPO_ID,
             fps=FPS,
-            features=features(spec.image_size),
+            features=features(spec.image_size, spec.video),
             episodes=expert_episodes(spec.num_episodes, spec.seed, spec.image_size),
             robot_type="robotrain_point_reach",
         )
