@@ -987,6 +987,7 @@ class _V30Writer:
         self.user_features = {k: v for k, v in features.items() if k not in DEFAULT_FEATURES}
         self.chunks_size, self.file_mb = chunks_size, file_mb
         self.schema = _data_schema(features)
+        self.video_file_mb = video_file_mb
         self.videos = {k: _VideoFiles(folder, k, fps, ft["shape"], chunks_size, video_file_mb)
                        for k, ft in features.items() if ft["dtype"] == "video"}
         self.tasks: dict[str, int] = {}
@@ -1094,7 +1095,7 @@ class _V30Writer:
             "total_tasks": len(self.tasks),
             "chunks_size": self.chunks_size,
             "data_files_size_in_mb": self.file_mb,
-            "video_files_size_in_mb": DEFAULT_VIDEO_FILES_SIZE_IN_MB,
+            "video_files_size_in_mb": self.video_file_mb,
             "fps": self.fps,
             "splits": {"train": f"0:{len(self.rows)}"},
             "data_path": V30_DATA_PATH,
@@ -1216,6 +1217,7 @@ def write_dataset(
     robot_type: str | None = None,
     chunks_size: int = DEFAULT_CHUNKS_SIZE,
     data_files_size_in_mb: float = DEFAULT_DATA_FILES_SIZE_IN_MB,
+    video_files_size_in_mb: float = DEFAULT_VIDEO_FILES_SIZE_IN_MB,
 ) -> DatasetMeta:
     """Write `episodes` as a LeRobot v3.0 dataset at `root` and return its metadata.
 
@@ -1225,7 +1227,8 @@ def write_dataset(
     MP4 with LeRobot's encoder settings, see `robotrain.data.video`); timestamp, frame_index, episode_index, index and
     task_index are added as LeRobot does. Each episode is `{feature: array with T rows (images
     uint8), "task": str}` (or one task string per frame). Data files roll over at
-    `data_files_size_in_mb`, `chunks_size` files per chunk folder, as in LeRobot.
+    `data_files_size_in_mb` (videos at `video_files_size_in_mb`), `chunks_size` files per chunk
+    folder, as in LeRobot.
 
     Atomic: everything is built in a hidden temporary sibling folder, flushed, then renamed to
     `root`; a crash leaves no partial dataset at `root`. An existing non-empty `root` is refused.
@@ -1237,7 +1240,7 @@ def write_dataset(
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename and hide a shared cache.
     tmp = root.parent / f".{root.name}.tmp-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
-    writer = _V30Writer(tmp, int(fps), all_features, int(chunks_size), data_files_size_in_mb)
+    writer = _V30Writer(tmp, int(fps), all_features, int(chunks_size), data_files_size_in_mb, video_files_size_in_mb)
     try:
         for episode in episodes:
             writer.add_episode(episode)

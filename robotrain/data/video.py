@@ -134,8 +134,16 @@ class _PyAVFile(_VideoFile):
         av = _import_av()
         self.path = path
         self.container = av.open(str(path))
+        if not self.container.streams.video:
+            raise UserError(f"{path} has no video stream; re-download the dataset")
         self.stream = self.container.streams.video[0]
-        self.stream.thread_type = "AUTO"
+        if self.stream.codec_context is None:  # FFmpeg knows no decoder for the stream's codec tag
+            raise UserError(f"{path} is in a video codec FFmpeg cannot decode; re-encode it as AV1 or H.264 "
+                            "(LeRobot's encoder: libsvtav1)")
+        # One thread, as torchcodec's default: data-loading parallelism comes from the workers, and a
+        # decoder without threads can be freed in a forked child (dav1d's would wait on threads
+        # that the fork did not copy, and hang the worker).
+        self.stream.codec_context.thread_count = 1
         rate = self.stream.average_rate or self.stream.base_rate
         self.fps, self.time_base = float(rate), self.stream.time_base
         self.num_frames = int(self.stream.frames) or int(round(float(self.container.duration or 0) / 1e6 * self.fps))
@@ -186,6 +194,11 @@ _BACKEND_CLASSES = {"torchcodec": _TorchcodecFile, "pyav": _PyAVFile}
 # --------------------------------------------------------------------------------------------
 
 
+#: Decoders a forked process inherited from its parent's caches, kept referenced so that they are
+#: never freed (or used) in the child.
+_INHERITED: list[OrderedDict] = []
+
+
 class DecoderCache:
     """Open `_VideoFile`s, least recently used evicted first beyond `max_count` decoders or
     `max_bytes` (estimated). One per process: entries made before a fork are never reused."""
@@ -208,6 +221,7 @@ class DecoderCache:
     def get(self, path: Path) -> _VideoFile:
         with self._lock:
             if self._pid != os.getpid():  # a forked worker: start empty, leave the parent's alone
+                _INHERITED.append(self._files)  # never freed here: FFmpeg state does not survive a fork
                 self._files, self._bytes, self._pid = OrderedDict(), 0, os.getpid()
             video = self._files.get(path)
             if video is not None:
@@ -228,13 +242,17 @@ class DecoderCache:
                             "re-download the dataset")
         try:
             return _BACKEND_CLASSES[self.backend](path)
+        except UserError:
+            raise
         except Exception as err:  # noqa: BLE001 - any decoder failure is reported the same way
             first = err
-        if self.backend == "torchcodec":
+        if self.backend == "torchcodec":  # PyAV's own FFmpeg may know what the system's does not
             try:
                 video = _PyAVFile(path)
                 log.warning("torchcodec could not open %s (%s); decoding it with PyAV", path, _reason(first))
                 return video
+            except UserError:
+                raise
             except Exception:  # noqa: BLE001
                 pass
         raise UserError(f"cannot decode {path} ({_reason(first)}): the file is truncated, corrupt or in a codec "
@@ -364,7 +382,7 @@ class VideoEncoder:
         av = _import_av()
         os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its banner to stderr unless told not to
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.fps, self.codec, self.frames = path, fps, codec, 0
+        self.path, self.fps, self.codec, self.frames, self.bytes_written = path, fps, codec, 0, 0
         self.container = av.open(str(path), "w")
         self.stream = self.container.add_stream(codec, fps, options=_codec_options(codec))
         self.stream.pix_fmt = LEROBOT_ENCODER["pix_fmt"]
@@ -376,15 +394,16 @@ class VideoEncoder:
         for image in frames_hwc:
             frame = self._frame_class.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             frame.pts, frame.time_base = self.frames, Fraction(1, self.fps)
-            self.container.mux(self.stream.encode(frame))
+            self._mux(self.stream.encode(frame))
             self.frames += 1
 
-    @property
-    def bytes_written(self) -> int:
-        return self.path.stat().st_size if self.path.exists() else 0
+    def _mux(self, packets: list) -> None:
+        # Counted as they leave the encoder (the file on disk lags behind the muxer's buffer).
+        self.bytes_written += sum(packet.size for packet in packets)
+        self.container.mux(packets)
 
     def close(self) -> None:
-        self.container.mux(self.stream.encode())  # flush the encoder
+        self._mux(self.stream.encode())  # flush the encoder
         self.container.close()
 
 
