@@ -66,6 +66,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, default_collate  # noqa: E402
 
 from robotrain.data.lerobot_format import LeRobotDataset, load_meta, write_dataset  # noqa: E402
+from robotrain.data.video import DEFAULT_DECODER_CACHE_SIZE  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "tests" / "data" / "lerobot_v3_video"
@@ -372,33 +373,46 @@ class RssSampler:
             self._stop.wait(self.interval)
 
 
-def bench_memory(root: Path, delta_timestamps: dict, args) -> bool:
-    """Part 2: worker RSS over one full epoch; PASS when every worker's memory is flat."""
-    dataset = LeRobotDataset(f"bench/{root.name}", root, delta_timestamps=delta_timestamps, return_uint8=False)
+def _epochs_rss(dataset, epochs: int, interval: float) -> tuple[dict[int, list[int]], int, float]:
+    """Every worker's RSS samples over `epochs` full epochs (persistent workers), batches, seconds."""
     loader = make_loader(dataset)
-    files = len({f for files, _ in dataset.meta.episode_videos.values() for f in files})
     t0 = time.perf_counter()
-    with RssSampler(args.rss_interval) as sampler:
-        batches = sum(1 for _ in loader)
+    with RssSampler(interval) as sampler:
+        batches = sum(1 for _ in range(epochs) for _ in loader)
     seconds = time.perf_counter() - t0
     del loader
-    print(f"memory: one epoch of {dataset.meta.num_episodes} episodes / {len(dataset)} frames, "
-          f"{files} MP4 files ({batches} batches in {seconds:.0f} s), worker RSS every {args.rss_interval} s")
+    return {pid: rss for pid, rss in sampler.samples.items() if len(rss) >= 10}, batches, seconds
+
+
+def bench_memory(root: Path, delta_timestamps: dict, args) -> bool:
+    """Part 2: worker RSS over a full epoch; PASS when every worker's memory is flat."""
+    cache = args.decoder_cache or DEFAULT_DECODER_CACHE_SIZE
+    sides = {"robotrain": LeRobotDataset(f"bench/{root.name}", root, delta_timestamps=delta_timestamps,
+                                         decoder_cache_size=cache)}
+    if args.memory_baseline:
+        sides["lerobot"] = LeRobotPerItem(root, delta_timestamps)
+    meta = sides["robotrain"].meta
+    files = len({f for files, _ in meta.episode_videos.values() for f in files})
+    print(f"memory: {meta.num_episodes} episodes / {meta.num_frames} frames, {len(meta.video_keys)} cameras, "
+          f"{files} MP4 files; robotrain decoder_cache_size={cache}, lerobot's cache 100; {args.memory_epochs} "
+          f"epoch(s), worker RSS every {args.rss_interval} s")
     flat = True
-    for pid, rss in sorted(sampler.samples.items()):
-        if len(rss) < 10:
-            continue  # not a loader worker (e.g. a process that ended at once)
-        tenth = max(1, len(rss) // 10)
-        first, last = statistics.fmean(rss[:tenth]), statistics.fmean(rss[-tenth:])
-        ok = abs(last - first) <= 0.1 * first
-        flat &= ok
-        print(f"    worker {pid}: first 10% {first / 2**20:.0f} MB, last 10% {last / 2**20:.0f} MB "
-              f"({100 * (last / first - 1):+.1f}%), peak {max(rss) / 2**20:.0f} MB, {len(rss)} samples "
-              f"{'PASS' if ok else 'FAIL'}")
-    if not sampler.samples:
-        print("    no worker was sampled: FAIL")
-        return False
-    print(f"    memory flat (last 10% within 10% of first 10%): {'PASS' if flat else 'FAIL'}")
+    for name, dataset in sides.items():
+        samples, batches, seconds = _epochs_rss(dataset, args.memory_epochs, args.rss_interval)
+        print(f"    {name}: {batches} batches in {seconds:.0f} s")
+        if not samples:
+            print("    no worker was sampled: FAIL")
+            flat = False
+        for pid, rss in sorted(samples.items()):
+            tenth = max(1, len(rss) // 10)
+            first, last = statistics.fmean(rss[:tenth]), statistics.fmean(rss[-tenth:])
+            ok = abs(last - first) <= 0.1 * first
+            flat &= ok or name != "robotrain"
+            deciles = [statistics.fmean(rss[i * tenth:(i + 1) * tenth]) / 2**20 for i in range(10)]
+            print(f"      worker {pid}: first 10% {first / 2**20:.0f} MB, last 10% {last / 2**20:.0f} MB "
+                  f"({100 * (last / first - 1):+.1f}%), peak {max(rss) / 2**20:.0f} MB {'PASS' if ok else 'FAIL'}; "
+                  f"by tenths {fmt_list(deciles, '.0f')} MB")
+    print(f"    robotrain memory flat (last 10% within 10% of first 10%): {'PASS' if flat else 'FAIL'}")
     return flat
 
 
@@ -452,6 +466,9 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, help="and at least this long (default 4, quick 2)")
     parser.add_argument("--episodes", type=int, help="episodes of the 240x320 dataset (default 50, quick 20)")
     parser.add_argument("--memory-episodes", type=int, help="episodes of the memory dataset (default 200)")
+    parser.add_argument("--memory-epochs", type=int, default=1, help="epochs the RSS is sampled over")
+    parser.add_argument("--decoder-cache", type=int, help="robotrain's decoder_cache_size in part 2 (default: its own)")
+    parser.add_argument("--memory-baseline", action="store_true", help="also sample the lerobot baseline's workers")
     parser.add_argument("--rss-interval", type=float, default=0.02, help="seconds between RSS samples")
     parser.add_argument("--act-steps", type=int, help="ACT training steps (default 60, quick 20)")
     parser.add_argument("--act-log-every", type=int, help="steps per metrics window (default 20, quick 10)")

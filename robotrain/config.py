@@ -97,6 +97,10 @@ class DatasetConfig:
         return self.repo_id == SYNTHETIC_REPO_ID
 
     def __post_init__(self) -> None:
+        _require(self.video_backend in ("torchcodec", "pyav"),
+                 f"dataset.video_backend must be 'torchcodec' or 'pyav', got {self.video_backend!r}")
+        _require(self.video_decoder_cache >= 1 and self.video_decoder_cache_mb > 0,
+                 "dataset.video_decoder_cache must be >= 1 and dataset.video_decoder_cache_mb > 0")
         if self.repo_id == MISSING:  # the schema itself; parse() reports a missing value
             return
         _require(

@@ -72,9 +72,8 @@ def check_backend(backend: str | None) -> str:
     except ModuleNotFoundError:
         raise UserError(f"decoding video needs torchcodec or PyAV: {_INSTALL_HINT}, "
                         "or set dataset.video_backend=pyav") from None
-    except (RuntimeError, OSError) as err:  # torchcodec present, FFmpeg's shared libraries absent
-        reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-        raise UserError(f"torchcodec cannot load FFmpeg ({reason}): {_FFMPEG_HINT}") from None
+    except (RuntimeError, OSError):  # torchcodec present, FFmpeg's shared libraries (4 to 8) absent
+        raise UserError(f"torchcodec found no FFmpeg 4-8 shared libraries it can load: {_FFMPEG_HINT}") from None
     return backend
 
 

@@ -1,0 +1,141 @@
+"""Training on video datasets, through the CLI: the same batches as on images, bit-exact resume
+(with and without DataLoader workers), the same sharding on two processes, a policy that learns,
+a Hub video dataset fetched with its MP4s, and one-line errors for damaged input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY, assert_one_line_error
+from tests.test_distributed import global_batches
+from tests.test_resume import assert_same_final_state, wait_for
+
+VIDEO = ["dataset.synthetic.video=true"]
+REFERENCE = Path(__file__).parent / "data" / "lerobot_v3_video"  # written by LeRobot 0.6.1
+STEPS = 300
+RUN = [*TINY, *VIDEO, f"steps={STEPS}", "checkpoint.every=100", "batch_size=32"]
+TINY_ACT = ["policy=act", "policy.dim_model=32", "policy.n_heads=2", "policy.dim_feedforward=64",
+            "policy.chunk_size=10", "policy.n_action_steps=5", "policy.pretrained_backbone_weights=null"]
+
+
+@pytest.fixture(scope="module")
+def video_reference(module_cli, tmp_path_factory) -> Path:
+    """The uninterrupted video run the interrupted ones are compared with."""
+    run_dir = tmp_path_factory.mktemp("video-reference")
+    done = module_cli.run(*RUN, f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def test_a_video_run_draws_exactly_the_batches_of_the_image_run(module_cli, tmp_path):
+    runs = {}
+    for name, extra in (("image", []), ("video", VIDEO)):
+        runs[name] = tmp_path / name
+        done = module_cli.run(*TINY, *extra, "steps=10", "log_samples=true", f"hydra.run.dir={runs[name]}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert global_batches(runs["video"], 1) == global_batches(runs["image"], 1)
+    info = json.loads((runs["video"] / "checkpoints" / "000010" / "pretrained_model" / "config.json").read_text())
+    assert info["input_features"]["observation.image"] == {"type": "VISUAL", "shape": [3, 32, 32]}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_video_resume_after_sigkill_is_bit_exact(cli, video_reference, tmp_path, num_workers):
+    run_dir = tmp_path / "run"
+    proc = cli.popen(*RUN, f"num_workers={num_workers}", f"hydra.run.dir={run_dir}")
+    wait_for(lambda: (run_dir / "checkpoints" / "000100").is_dir() or proc.poll() is not None, what="first checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (run_dir / "checkpoints" / f"{STEPS:06d}").exists()
+
+    done = cli.run(*RUN, f"num_workers={num_workers}", f"hydra.run.dir={run_dir}", "resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_final_state(video_reference, run_dir, STEPS)
+
+
+@pytest.mark.slow
+def test_two_processes_on_video_consume_the_one_process_global_batch(module_cli, tmp_path):
+    runs = {}
+    for processes, batch in ((1, 16), (2, 8)):
+        runs[processes] = tmp_path / f"p{processes}"
+        done = module_cli.run(*TINY, *VIDEO, "steps=6", "log_samples=true", f"batch_size={batch}", "num_workers=1",
+                              f"distributed.processes={processes}", f"hydra.run.dir={runs[processes]}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert global_batches(runs[2], 2) == global_batches(runs[1], 1)
+
+
+@pytest.mark.slow
+def test_a_policy_trained_on_the_video_task_succeeds_in_the_simulator(module_cli, tmp_path):
+    done = module_cli.run(*VIDEO, f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    evals = json.loads((tmp_path / "run" / "result.json").read_text())["evals"]
+    assert evals["0"]["eval/success_rate"] < 0.2 and evals["2000"]["eval/success_rate"] >= 0.8, evals
+
+
+def test_act_trains_on_lerobots_video_dataset_from_the_hub(module_cli, hub, tmp_path):
+    repo = "user/video-tiny"
+    hub.run_python(f"""
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo({repo!r}, repo_type="dataset", exist_ok=True)
+        api.upload_folder(repo_id={repo!r}, repo_type="dataset", folder_path={str(REFERENCE)!r})
+    """)
+    env = {**module_cli.env, **hub.env, "HF_LEROBOT_HOME": str(tmp_path / "lerobot")}
+    cli = type(module_cli)(env=env, cwd=tmp_path)
+    done = cli.run(*TINY_ACT, "dataset=hub", f"dataset.repo_id={repo}", "steps=3", "batch_size=4",
+                   "eval.enabled=false", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "lerobot" / repo / "videos" / "observation.images.cam1" / "chunk-000" / "file-000.mp4").is_file()
+    config = json.loads((tmp_path / "run" / "checkpoints" / "000003" / "pretrained_model" / "config.json").read_text())
+    assert config["input_features"]["observation.images.cam0"] == {"type": "VISUAL", "shape": [3, 64, 64]}
+
+
+def test_a_missing_video_file_stops_the_run_before_it_trains(cli, tmp_path):
+    root = tmp_path / "ds"
+    shutil.copytree(REFERENCE, root)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    (root / "videos" / "observation.images.cam0" / "chunk-000" / "file-000.mp4").unlink()
+    done = cli.run(*TINY_ACT, "dataset=local", "dataset.repo_id=user/broken", f"dataset.root={root}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(done, "observation.images.cam0/chunk-000/file-000.mp4 of 'observation.images.cam0' is missing")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_an_unknown_video_backend_is_a_one_line_error(cli, tmp_path):
+    done = cli.run(*TINY, *VIDEO, "dataset.video_backend=opencv", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(done, "dataset.video_backend must be 'torchcodec' or 'pyav', got 'opencv'")
+
+
+def _ffmpeg_libraries() -> list[str]:
+    import glob
+
+    return sorted(glob.glob("/usr/lib/*/libavutil.so.*")) + sorted(glob.glob("/usr/lib/libavutil.so.*"))
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="hiding the system FFmpeg needs root and unshare (CI runs as root)")
+def test_torchcodec_without_ffmpeg_is_a_one_line_error_naming_the_fix(cli, tmp_path):
+    libraries = _ffmpeg_libraries()
+    assert libraries, "the system FFmpeg (apt-get install ffmpeg) is not installed"
+    # A private mount namespace in which FFmpeg's libavutil is an empty file: what a machine
+    # without the ffmpeg package looks like to torchcodec. PyAV keeps its bundled FFmpeg.
+    hide = " && ".join(f"mount --bind /dev/null {lib}" for lib in libraries)
+    command = " ".join([sys.executable, "-m", "robotrain", *TINY, *VIDEO, "steps=2", f"hydra.run.dir={tmp_path / 'run'}"])
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{hide} && exec {command}"],
+                          cwd=cli.cwd, env=cli.env, capture_output=True, text=True, timeout=300)
+    assert_one_line_error(done, "apt-get install ffmpeg")
+    assert "dataset.video_backend=pyav" in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    works = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            f"{hide} && exec {command} dataset.video_backend=pyav hydra.run.dir={tmp_path / 'pyav'}"],
+                           cwd=cli.cwd, env=cli.env, capture_output=True, text=True, timeout=300)
+    assert works.returncode == 0, works.stderr[-3000:]
