@@ -16,6 +16,7 @@ from tests.conftest import REPO_ROOT
 SHRINK = {"steps": "4", "batch_size": "8", "dataset.synthetic.num_episodes": "20", "eval.episodes": "4",
           "log_every": "2", "checkpoint.every": "2", "scheduler.warmup_steps": "1"}
 TINY_DATASET = REPO_ROOT / "tests" / "data" / "lerobot_v3_tiny"
+VIDEO_DATASET = REPO_ROOT / "tests" / "data" / "lerobot_v3_video"  # cameras as AV1 MP4, written by LeRobot
 
 
 def example_blocks() -> list[list[str]]:
@@ -31,7 +32,8 @@ BLOCKS = example_blocks()
 def test_the_readme_has_examples_for_every_feature():
     commands = " ".join(" ".join(b) for b in BLOCKS)
     for feature in ("peft=lora", "job=slurm", "job=hf", "resume=hub:", "hub.push_checkpoints=true",
-                    "dataset=hub", "distributed.processes=2", "torchrun", "tracker="):
+                    "dataset=hub", "distributed.processes=2", "torchrun", "tracker=", "dataset.synthetic.video=true",
+                    "dataset.root=/path/to/so101_pick"):
         assert feature in commands, feature
 
 
@@ -64,6 +66,8 @@ class StandIns:
         return [*head, *args, *shrink, *extra]
 
     def _local(self, arg: str) -> str:
+        if arg.startswith("dataset.root=/path/to/so101_pick"):
+            return f"dataset.root={VIDEO_DATASET}"
         if arg.startswith("dataset.root=/path/to/"):
             return f"dataset.root={TINY_DATASET}"
         if arg == "policy.pretrained_path=lerobot/smolvla_base":
