@@ -1,40 +1,46 @@
-"""Video datasets: robotrain's batched MP4 reads against LeRobot 0.6.1's per-item path, memory
-over an epoch, and data-loader wait in training, measured side by side in one run.
+"""Video datasets: robotrain's batched MP4 reads against LeRobot 0.6.1's per-item path, worker
+memory over an epoch, and data-loader wait in training, measured side by side in one run.
 
-    python benchmarks/video.py [--quick] [--workdir DIR] [--rounds 3] [--batches 40]
+    python benchmarks/video.py [--quick] [--workdir DIR] [--only throughput memory train]
 
 Datasets are generated once with `robotrain.data.lerobot_format.write_dataset` (AV1 MP4 with
-LeRobot's encoder settings; deterministic moving gradients and shapes) into `--workdir` (default
-`<tmp>/robotrain-bench-video`) and reused by later runs; the reference dataset written by LeRobot
-0.6.1 is tests/data/lerobot_v3_video.
+LeRobot's encoder settings; deterministic drifting gradients, a texture and moving shapes) into
+`--workdir` (default `<tmp>/robotrain-bench-video`) and reused by later runs; the reference
+dataset written by LeRobot 0.6.1 is tests/data/lerobot_v3_video. Default run ~8 min on 2 cores
+the first time (~2 min writing datasets), `--quick` ~2 min.
 
 1. Throughput: samples/s through a plain `torch.utils.data.DataLoader` (batch_size=16,
    shuffle=True, num_workers=2, persistent_workers=True) of
-   - robotrain: `robotrain.data.LeRobotDataset` (float32 frames, `return_uint8=False`, as the
-     baseline returns them); the DataLoader calls its `__getitems__`, which decodes each MP4 once
+   - robotrain: `robotrain.data.LeRobotDataset`, float32 frames (`return_uint8=False`) as the
+     baseline returns them; the DataLoader calls its `__getitems__`, which decodes each MP4 once
      per batch, frames sorted by time. Also shown, not in the ratio: `return_uint8=True`.
-   - lerobot: `LeRobotPerItem` below, LeRobot 0.6.1's `DatasetReader.get_item` per item: per
+   - lerobot: `LeRobotPerItem` below, LeRobot 0.6.1's `DatasetReader.get_item` item by item: per
      camera a torchcodec `VideoDecoder(path, seek_mode="approximate")` cached per file and worker
-     (its `VideoDecoderCache`), `get_frames_at(indices=[round(ts * fps)])` per sample and camera,
-     the tolerance check, `(frames / 255.0).type(torch.float32)` in the worker, and with several
-     cameras a new `ThreadPoolExecutor(max_workers=n_cameras)` per item. State/action come from
-     numpy arrays on both sides (cheap), so the comparison is about video. LeRobot opens each
-     file through an fsspec file object; the baseline passes the path (`--fsspec` to do as
-     LeRobot), which if anything makes the baseline faster.
-   on (a) the reference dataset (64x64, 2 cameras, delta_timestamps cameras [-1/15, 0], action
-   10 frames) and (b) a generated 240x320 3-camera dataset (cameras [-1/fps, 0], action 10
-   frames). Each round runs every loader in turn (alternating order): `--warmup` untimed
-   batches, then `--batches` timed ones, after waiting for every worker to go idle, so one
-   loader's prefetching never overlaps another's timing. Headline: the median over rounds of
-   robotrain/lerobot samples/s (target >= 2x). Before timing, one batch of each is checked equal.
-2. Memory: every DataLoader worker's RSS (psutil, the main process' children), sampled every
-   `--rss-interval` s over one full epoch of a generated 200-episode 96x96 2-camera dataset
-   (same loader settings as 1), its MP4s rolled over every few episodes so that there are more
-   files than the decoder cache keeps open. Flat (PASS) when, for every worker, the mean of the
-   last 10 % of samples is within 10 % of the mean of the first 10 %.
-3. Data wait: tiny ACT trained on dataset (b) through the CLI in a subprocess (num_workers=2,
-   OMP_NUM_THREADS=1, HF_HUB_OFFLINE=1); `data_wait_frac` of the last window of
-   `<run dir>/metrics.jsonl` (after warm-up), target <= 5 %.
+     (its `VideoDecoderCache`, 100 decoders), `get_frames_at(indices=[round(ts * fps)])` per
+     sample and camera, the tolerance check, `(frames / 255.0).type(torch.float32)` in the
+     worker, and with several cameras a new `ThreadPoolExecutor(max_workers=n_cameras)` per item.
+     State/action come from numpy arrays on both sides (LeRobot's Hugging Face `datasets` reads
+     cost more), so the comparison is about video. LeRobot opens each file through an fsspec
+     file object; the baseline passes the path unless `--fsspec`.
+   on (a) the reference dataset (64x64, 2 cameras; delta_timestamps: cameras [-1/15, 0], action
+   10 frames) and (b) a generated 240x320 3-camera dataset (`--episodes` x 60 frames at 15 fps,
+   the same delta_timestamps). Each round runs every loader in turn (alternating the order),
+   each after every worker has gone idle, so that one loader's prefetching never overlaps
+   another's timing: `--warmup` untimed batches, then at least `--batches` timed batches and
+   `--min-seconds`. Headline: the median over rounds of robotrain/lerobot (target >= 2x).
+   Before timing, one batch read by each side is checked to be equal, key by key.
+2. Memory: every DataLoader worker's RSS (psutil; the main process' children), sampled every
+   `--rss-interval` s over `--memory-epochs` full epochs (default one) of a generated
+   200-episode 96x96 2-camera dataset (30 frames per episode, same loader and
+   delta_timestamps as 1), its MP4s rolled over at 0.05 MB so that it has more files (~48)
+   than robotrain's decoder cache keeps open (32 by default; `--decoder-cache`). Flat (PASS)
+   when, for every worker, the mean of the last 10 % of samples is within 10 % of the mean of
+   the first 10 %; the means of each tenth show the trend. `--memory-baseline` samples the
+   lerobot baseline's workers too (reported, not judged).
+3. Data wait: tiny ACT (dim_model 64, 4 heads, feed-forward 256, chunk 10, resnet18 without
+   pretrained weights) trained on dataset (b) through the CLI in a subprocess (num_workers=2,
+   OMP_NUM_THREADS=1, HF_HUB_OFFLINE=1, no eval); `data_wait_frac` of the last window of
+   `<run dir>/metrics.jsonl` (the first window holds worker start-up), target <= 5 %.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -63,7 +69,7 @@ use_benchmark_cache()
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.data import DataLoader, default_collate  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
 
 from robotrain.data.lerobot_format import LeRobotDataset, load_meta, write_dataset  # noqa: E402
 from robotrain.data.video import DEFAULT_DECODER_CACHE_SIZE  # noqa: E402

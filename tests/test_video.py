@@ -410,3 +410,29 @@ def test_h264_video_reads_too(tmp_path):
     write_frames(root / "videos" / CAMERAS[0] / "chunk-000" / "file-000.mp4", frames.transpose(0, 2, 3, 1), FPS)
     ds = LeRobotDataset(REPO_ID, root=root, return_uint8=True)
     assert np.abs(ds[150][CAMERAS[0]].numpy().astype(int) - frames[150]).max() < 40  # lossy, but frame 150
+
+
+# ---- training path ------------------------------------------------------------------------------
+
+
+def test_training_batches_carry_uint8_frames_that_become_lerobots_floats_on_the_device():
+    from robotrain.config import DatasetConfig
+    from robotrain.data import open_dataset
+    from robotrain.data.loader import to_device
+
+    cfg = DatasetConfig(repo_id=REPO_ID, root=str(REFERENCE))
+    training = open_dataset(cfg, load_meta(REFERENCE, REPO_ID), DELTAS)
+    batch = training.get_batch([0, 40, 200])
+    assert batch[CAMERAS[0]].dtype == torch.uint8 and batch["action"].dtype == torch.float32
+    on_device = to_device(batch, torch.device("cpu"))
+    expected = LeRobotDataset(REPO_ID, root=REFERENCE, delta_timestamps=DELTAS).get_batch([0, 40, 200])
+    for key in (*CAMERAS, "action", "observation.state"):
+        assert torch.equal(on_device[key], expected[key]), key
+
+
+def test_without_root_the_dataset_is_read_from_the_lerobot_home(tmp_path, monkeypatch):
+    shutil.copytree(REFERENCE, tmp_path / REPO_ID)
+    monkeypatch.setenv("HF_LEROBOT_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ds = LeRobotDataset(REPO_ID)
+    assert ds.root == tmp_path / REPO_ID and len(ds) == sum(LENGTHS)

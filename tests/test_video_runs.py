@@ -17,6 +17,7 @@ import pytest
 from tests.conftest import TINY, assert_one_line_error
 from tests.test_distributed import global_batches
 from tests.test_resume import assert_same_final_state, wait_for
+from tests.test_video import copy_reference, edit_episodes
 
 VIDEO = ["dataset.synthetic.video=true"]
 REFERENCE = Path(__file__).parent / "data" / "lerobot_v3_video"  # written by LeRobot 0.6.1
@@ -99,15 +100,23 @@ def test_act_trains_on_lerobots_video_dataset_from_the_hub(module_cli, hub, tmp_
 
 
 def test_a_missing_video_file_stops_the_run_before_it_trains(cli, tmp_path):
-    root = tmp_path / "ds"
-    shutil.copytree(REFERENCE, root)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
+    root = copy_reference(tmp_path)
     (root / "videos" / "observation.images.cam0" / "chunk-000" / "file-000.mp4").unlink()
     done = cli.run(*TINY_ACT, "dataset=local", "dataset.repo_id=user/broken", f"dataset.root={root}",
                    f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_line_error(done, "observation.images.cam0/chunk-000/file-000.mp4 of 'observation.images.cam0' is missing")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_video_shorter_than_its_episode_stops_the_run_with_one_line(cli, tmp_path, num_workers):
+    # Found only when the frames are decoded, in a DataLoader worker or the prefetch thread.
+    root = copy_reference(tmp_path)
+    edit_episodes(root, "videos/observation.images.cam0/from_timestamp", [0.0, 40 / 15, 87 / 15, 150 / 15])
+    done = cli.run(*TINY_ACT, "dataset=local", "dataset.repo_id=user/broken", f"dataset.root={root}", "steps=50",
+                   "batch_size=16", f"num_workers={num_workers}", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(done, "episode 3 needs frame")
+    assert "shorter than the episode" in done.stderr
 
 
 def test_an_unknown_video_backend_is_a_one_line_error(cli, tmp_path):

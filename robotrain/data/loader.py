@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from robotrain.errors import UserError
 
 
 class _Batches(Dataset):
@@ -28,8 +31,19 @@ class _Batches(Dataset):
     def __init__(self, dataset: Any):
         self.dataset = dataset
 
-    def __getitem__(self, indices: list[int]) -> dict[str, Any]:
-        return self.dataset.get_batch(indices)
+    def __getitem__(self, indices: list[int]) -> dict[str, Any] | _Failed:
+        try:
+            return self.dataset.get_batch(indices)
+        except UserError as err:  # bad data found mid-run (a damaged video): crosses workers as a value
+            return _Failed(str(err))
+
+
+@dataclass
+class _Failed:
+    """A batch that could not be read. A DataLoader worker's exception would reach the loop as a
+    multi-line RuntimeError with the worker's traceback; this keeps robotrain's one-line error."""
+
+    message: str
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -108,5 +122,12 @@ class Prefetcher:
 def batches(loader: DataLoader, prefetch: int) -> Iterator[dict[str, Any]]:
     """An iterator over `loader`, prefetched on a thread when the loader has no workers."""
     if loader.num_workers == 0 and prefetch > 0:
-        return Prefetcher(iter(loader), prefetch)
-    return iter(loader)
+        return Prefetcher(_checked(iter(loader)), prefetch)
+    return _checked(iter(loader))
+
+
+def _checked(source: Iterator[Any]) -> Iterator[dict[str, Any]]:
+    for batch in source:
+        if isinstance(batch, _Failed):
+            raise UserError(batch.message)
+        yield batch
