@@ -23,7 +23,7 @@ from robotrain.data.video import DecoderCache
 from robotrain.errors import UserError
 
 DATA = Path(__file__).parent / "data"
-REFERENCE = DATA / "lerobot_v3_video"  # written by LeRobot 0.6.1 (see tests/data/README.md)
+REFERENCE = DATA / "lerobot_v3_video"  # written by LeRobot 0.6.1 (tests/data/README.md)
 REPO_ID = "lerobot_ref/video_tiny"
 CAMERAS = ("observation.images.cam0", "observation.images.cam1")
 FPS = 15
