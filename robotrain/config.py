@@ -85,7 +85,7 @@ class DatasetConfig:
     """Keep decoded image-camera frames in memory up to this size (per process); 0 decodes every read."""
     video_backend: str = "torchcodec"
     """Decoder of video cameras: `torchcodec` (system FFmpeg) or `pyav` (bundled FFmpeg)."""
-    video_decoder_cache: int = 32
+    video_decoder_cache: int = 100
     """Open video files kept per data-loading process (least recently used closed first)."""
     video_decoder_cache_mb: float = 512
     """Memory budget of those open decoders per process, in MB (estimated from frame sizes)."""

@@ -63,16 +63,21 @@ def resume_auto(cli, run_dir: Path, *extra: str):
     return done
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_after_sigkill_is_bit_exact(cli, reference, tmp_path, num_workers):
-    run_dir = tmp_path / "run"
-    proc = cli.popen(*RUN, f"num_workers={num_workers}", f"hydra.run.dir={run_dir}")
-    wait_for(lambda: (run_dir / "checkpoints" / "000100").is_dir() or proc.poll() is not None, what="first checkpoint")
+def kill_after_first_checkpoint(cli, run: list[str], run_dir: Path, steps: int, first: int = 100) -> None:
+    """Start `run` in `run_dir` and SIGKILL it once checkpoint `first` exists, before step `steps`."""
+    proc = cli.popen(*run, f"hydra.run.dir={run_dir}")
+    wait_for(lambda: (run_dir / "checkpoints" / f"{first:06d}").is_dir() or proc.poll() is not None,
+             what="first checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (run_dir / "checkpoints" / f"{STEPS:06d}").exists()
+    assert not (run_dir / "checkpoints" / f"{steps:06d}").exists()
 
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_after_sigkill_is_bit_exact(cli, reference, tmp_path, num_workers):
+    run_dir = tmp_path / "run"
+    kill_after_first_checkpoint(cli, [*RUN, f"num_workers={num_workers}"], run_dir, STEPS)
     resume_auto(cli, run_dir, f"num_workers={num_workers}")
     assert_same_final_state(reference, run_dir)
 

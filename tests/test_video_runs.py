@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from tests.conftest import TINY, assert_one_line_error
 from tests.test_distributed import global_batches
-from tests.test_resume import assert_same_final_state, wait_for
+from tests.test_resume import assert_same_final_state, kill_after_first_checkpoint
 from tests.test_video import copy_reference, edit_episodes
 
 VIDEO = ["dataset.synthetic.video=true"]
@@ -50,13 +49,7 @@ def test_a_video_run_draws_exactly_the_batches_of_the_image_run(module_cli, tmp_
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_video_resume_after_sigkill_is_bit_exact(cli, video_reference, tmp_path, num_workers):
     run_dir = tmp_path / "run"
-    proc = cli.popen(*RUN, f"num_workers={num_workers}", f"hydra.run.dir={run_dir}")
-    wait_for(lambda: (run_dir / "checkpoints" / "000100").is_dir() or proc.poll() is not None, what="first checkpoint")
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (run_dir / "checkpoints" / f"{STEPS:06d}").exists()
-
+    kill_after_first_checkpoint(cli, [*RUN, f"num_workers={num_workers}"], run_dir, STEPS)
     done = cli.run(*RUN, f"num_workers={num_workers}", f"hydra.run.dir={run_dir}", "resume=auto")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_final_state(video_reference, run_dir, STEPS)

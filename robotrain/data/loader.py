@@ -7,6 +7,8 @@
 - With `num_workers=0`, a background thread keeps `prefetch` batches ready, so the loop does
   not wait for data while the model computes (numpy and torch release the GIL for their work).
   With workers, the DataLoader's own `prefetch_factor` does that.
+- The batch sampler never ends (it walks epoch after epoch), so the loader is iterated once per
+  run: DataLoader workers, and the video decoders each keeps open, persist across epochs.
 - Camera frames (image or video) travel as uint8 — 4x less than float32 between worker
   processes and to the device — and become float32 in [0, 1] on the training device
   (`to_device`), with the same division LeRobot does on the CPU, so the values are identical.

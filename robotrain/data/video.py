@@ -28,6 +28,8 @@ it would need one CUDA context per worker; see the README.
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import logging
 import os
 import threading
@@ -46,11 +48,14 @@ log = logging.getLogger("robotrain")
 
 BACKENDS = ("torchcodec", "pyav")
 DEFAULT_BACKEND = "torchcodec"
-DEFAULT_DECODER_CACHE_SIZE = 32
+DEFAULT_DECODER_CACHE_SIZE = 100  # LeRobot 0.6.1 keeps as many
 DEFAULT_DECODER_CACHE_MB = 512.0
 # A decoder holds decoded reference frames (AV1: up to 8 slots) plus frames in flight in its
 # threads; this many frames' worth of YUV420 is the estimate its entry in the cache is charged.
 _FRAMES_HELD_PER_DECODER = 16
+# Evicted decoders between two returns of freed memory to the OS (`_release_freed_memory`).
+_TRIM_EVERY = 16
+_MALLOC_TRIM: Any = None
 # PyAV decodes forward up to this many frames to reach the next requested one rather than seek.
 _PYAV_MAX_FORWARD_FRAMES = 32
 
@@ -68,7 +73,7 @@ def check_backend(backend: str | None) -> str:
         _import_av()
         return backend
     try:
-        import torchcodec.decoders  # noqa: F401  (loads FFmpeg's libraries)
+        importlib.import_module("torchcodec.decoders")  # loads FFmpeg's shared libraries
     except ModuleNotFoundError:
         raise UserError(f"decoding video needs torchcodec or PyAV: {_INSTALL_HINT}, "
                         "or set dataset.video_backend=pyav") from None
@@ -206,7 +211,7 @@ class DecoderCache:
                  max_bytes: int = int(DEFAULT_DECODER_CACHE_MB * 2**20)):
         self.backend, self.max_count, self.max_bytes = backend, max(1, max_count), max_bytes
         self._files: OrderedDict[Path, _VideoFile] = OrderedDict()
-        self._bytes = 0
+        self._bytes, self._evictions = 0, 0
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
@@ -233,6 +238,9 @@ class DecoderCache:
                 _, evicted = self._files.popitem(last=False)
                 self._bytes -= evicted.nbytes
                 evicted.close()
+                self._evictions += 1
+                if self._evictions % _TRIM_EVERY == 0:
+                    _release_freed_memory()
             return video
 
     def _open(self, path: Path) -> _VideoFile:
@@ -263,6 +271,22 @@ class DecoderCache:
                 video.close()
             self._files.clear()
             self._bytes = 0
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by closed decoders back to the OS (glibc only; elsewhere nothing).
+
+    A decoder's buffers are many mid-sized allocations; opened and closed over and over (a
+    dataset with more files than the cache holds, read in random order), glibc keeps the freed
+    pages in its heaps and a worker's RSS grows epoch after epoch though nothing is leaked."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 def _reason(err: BaseException) -> str:
