@@ -436,3 +436,16 @@ def test_without_root_the_dataset_is_read_from_the_lerobot_home(tmp_path, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ds = LeRobotDataset(REPO_ID)
     assert ds.root == tmp_path / REPO_ID and len(ds) == sum(LENGTHS)
+
+
+def test_writer_falls_back_to_h264_with_a_warning_where_pyav_lacks_av1_encoders(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(av, "codecs_available", av.codecs_available - {"libsvtav1", "libaom-av1"})
+    with caplog.at_level("WARNING", logger="robotrain"):
+        write_dataset(tmp_path / "ds", repo_id="a/video", fps=10, features=camera_features("video"),
+                      episodes=episodes())
+    assert "no libsvtav1 encoder: writing videos with libx264" in caplog.text
+    info = json.loads((tmp_path / "ds" / "meta" / "info.json").read_text())
+    assert info["features"]["observation.images.top"]["info"]["video.codec"] == "h264"
+    ds = LeRobotDataset("a/video", root=tmp_path / "ds", return_uint8=True)
+    mp4 = tmp_path / "ds" / "videos" / "observation.images.top" / "chunk-000" / "file-000.mp4"
+    assert np.abs(ds[20]["observation.images.top"].numpy().astype(int) - decode_sequentially(mp4)[20]).max() <= 2

@@ -101,15 +101,41 @@ def test_a_missing_video_file_stops_the_run_before_it_trains(cli, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_video_shorter_than_its_episode_stops_the_run_with_one_line(cli, tmp_path, num_workers):
-    # Found only when the frames are decoded, in a DataLoader worker or the prefetch thread.
-    root = copy_reference(tmp_path)
+CAM0 = Path("videos/observation.images.cam0/chunk-000/file-000.mp4")
+
+
+def _shorter(root: Path) -> None:
     edit_episodes(root, "videos/observation.images.cam0/from_timestamp", [0.0, 40 / 15, 87 / 15, 150 / 15])
+
+
+def _truncated(root: Path) -> None:
+    (root / CAM0).write_bytes((root / CAM0).read_bytes()[: (root / CAM0).stat().st_size // 2])
+
+
+def _off_the_frames(root: Path) -> None:  # episode 2 starts between two frames of the file
+    edit_episodes(root, "videos/observation.images.cam0/from_timestamp", [0.0, 40 / 15, 87.3 / 15, 141 / 15])
+
+
+def _unknown_codec(root: Path) -> None:
+    (root / CAM0).write_bytes((root / CAM0).read_bytes().replace(b"av01", b"zz99"))
+
+
+DAMAGE = {"shorter": (_shorter, "shorter than the episode"), "truncated": (_truncated, "truncated or corrupt"),
+          "off-the-frames": (_off_the_frames, "tolerance_s=0.0001"),
+          "unknown-codec": (_unknown_codec, "video codec FFmpeg cannot decode")}
+
+
+@pytest.mark.parametrize("damage, num_workers", [(d, 2) for d in DAMAGE] + [("shorter", 0)])
+def test_a_damaged_video_stops_the_run_with_one_line(cli, tmp_path, damage, num_workers):
+    # Found when the frames are decoded: in a DataLoader worker, or the prefetch thread.
+    root = copy_reference(tmp_path)
+    damage_dataset, message = DAMAGE[damage]
+    damage_dataset(root)
     done = cli.run(*TINY_ACT, "dataset=local", "dataset.repo_id=user/broken", f"dataset.root={root}", "steps=50",
-                   "batch_size=16", f"num_workers={num_workers}", f"hydra.run.dir={tmp_path / 'run'}")
-    assert_one_line_error(done, "episode 3 needs frame")
-    assert "shorter than the episode" in done.stderr
+                   "batch_size=16", "checkpoint.every=0", f"num_workers={num_workers}",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(done, message)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_an_unknown_video_backend_is_a_one_line_error(cli, tmp_path):
