@@ -89,6 +89,8 @@ class DatasetConfig:
     """Open video files kept per data-loading process (least recently used closed first)."""
     video_decoder_cache_mb: float = 512
     """Memory budget of those open decoders per process, in MB (estimated from frame sizes)."""
+    video_device: str = "cpu"
+    """Decode video on `cpu`, or on the training `cuda` device (torchcodec NVDEC; needs num_workers=0)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Generator settings for the embedded task."""
 
@@ -101,6 +103,8 @@ class DatasetConfig:
                  f"dataset.video_backend must be 'torchcodec' or 'pyav', got {self.video_backend!r}")
         _require(self.video_decoder_cache >= 1 and self.video_decoder_cache_mb > 0,
                  "dataset.video_decoder_cache must be >= 1 and dataset.video_decoder_cache_mb > 0")
+        _require(self.video_device in ("cpu", "cuda"),
+                 f"dataset.video_device must be 'cpu' or 'cuda', got {self.video_device!r}")
         if self.repo_id == MISSING:  # the schema itself; parse() reports a missing value
             return
         _require(
@@ -515,6 +519,9 @@ class TrainConfig:
         _require(self.steps > 0, f"steps must be > 0, got {self.steps}")
         _require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        _require(self.num_workers == 0 or self.dataset.video_device == "cpu",
+                 "dataset.video_device=cuda decodes in the training process (CUDA cannot start in forked "
+                 "DataLoader workers): set num_workers=0")
         _require(self.prefetch >= 0, f"prefetch must be >= 0, got {self.prefetch}")
         _require(self.log_every > 0, f"log_every must be > 0, got {self.log_every}")
         _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")

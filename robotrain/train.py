@@ -95,7 +95,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     meta = data.load_meta(root, cfg.dataset.repo_id)
     # What each sample holds (action chunk, observation history), as the policy will see the dataset.
     delta_timestamps = policies.with_dataset_features(cfg.policy, meta.features).delta_timestamps(meta.fps)
-    dataset = data.open_dataset(cfg.dataset, meta, delta_timestamps)
+    dataset = data.open_dataset(cfg.dataset, meta, delta_timestamps, device=accelerator.device)
     sampler = EpisodeAwareSampler(
         *dataset.episode_bounds, seed=cfg.seed, shuffle=cfg.sampler.shuffle,
         permutation=cfg.sampler.permutation, drop_n_first_frames=cfg.sampler.drop_n_first_frames,
@@ -232,7 +232,9 @@ def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, sampler, positi
         dataset,
         GlobalBatchSampler(sampler, cfg.batch_size, num_processes=accelerator.num_processes,
                            rank=accelerator.process_index, start_position=position),
-        num_workers=cfg.num_workers, pin_memory=accelerator.device.type == "cuda", seed=cfg.seed,
+        # Frames decoded on the GPU are there already; pinning is for CPU tensors only.
+        num_workers=cfg.num_workers, seed=cfg.seed,
+        pin_memory=accelerator.device.type == "cuda" and cfg.dataset.video_device == "cpu",
     )
 
 

@@ -449,3 +449,28 @@ def test_writer_falls_back_to_h264_with_a_warning_where_pyav_lacks_av1_encoders(
     ds = LeRobotDataset("a/video", root=tmp_path / "ds", return_uint8=True)
     mp4 = tmp_path / "ds" / "videos" / "observation.images.top" / "chunk-000" / "file-000.mp4"
     assert np.abs(ds[20]["observation.images.top"].numpy().astype(int) - decode_sequentially(mp4)[20]).max() <= 2
+
+
+# ---- decoding on the GPU (torchcodec NVDEC) ------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_decoding_on_a_gpu_without_one_is_a_one_line_error():
+    with pytest.raises(UserError) as err:
+        LeRobotDataset(REPO_ID, root=REFERENCE, video_device="cuda")
+    assert_one_line(err, "needs a CUDA GPU", "dataset.video_device=cpu")
+
+
+def test_pyav_cannot_decode_on_a_gpu():
+    with pytest.raises(UserError) as err:
+        LeRobotDataset(REPO_ID, root=REFERENCE, video_backend="pyav", video_device="cuda")
+    assert_one_line(err, "PyAV decodes on the CPU only", "video_backend=torchcodec")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with the CUDA torchcodec (none in CI)")
+def test_frames_decoded_on_the_gpu_equal_lerobots(lerobot_items):
+    ds = LeRobotDataset(REPO_ID, root=REFERENCE, delta_timestamps=DELTAS, video_device="cuda")
+    for i in INDICES:
+        frames = ds[i][CAMERAS[0]]
+        assert frames.is_cuda
+        assert (frames.cpu() - lerobot_items[f"{i}/{CAMERAS[0]}"]).abs().max() <= FRAME_TOLERANCE, i

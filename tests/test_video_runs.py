@@ -138,6 +138,12 @@ def test_a_damaged_video_stops_the_run_with_one_line(cli, tmp_path, damage, num_
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_decoding_on_the_gpu_with_dataloader_workers_is_refused(cli, tmp_path):
+    done = cli.run(*TINY, *VIDEO, "dataset.video_device=cuda", "num_workers=2", f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(done, "dataset.video_device=cuda decodes in the training process")
+    assert "set num_workers=0" in done.stderr
+
+
 def test_an_unknown_video_backend_is_a_one_line_error(cli, tmp_path):
     done = cli.run(*TINY, *VIDEO, "dataset.video_backend=opencv", f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_line_error(done, "dataset.video_backend must be 'torchcodec' or 'pyav', got 'opencv'")

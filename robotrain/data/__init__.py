@@ -69,16 +69,18 @@ def load_meta(root: Path, repo_id: str | None = None):
     return load_meta(root, repo_id)
 
 
-def open_dataset(cfg: DatasetConfig, meta, delta_timestamps: dict[str, list[float]]):
+def open_dataset(cfg: DatasetConfig, meta, delta_timestamps: dict[str, list[float]], device="cpu"):
     """The dataset `meta` describes (from `load_meta`), as `cfg` selects it, for training: camera
-    frames stay uint8 until the training device (`loader.to_device`)."""
+    frames stay uint8 until the training device (`loader.to_device`); video is decoded on the
+    CPU, or on `device` (the training device) with `dataset.video_device=cuda`."""
     from robotrain.data.lerobot_format import LeRobotDataset
 
     return LeRobotDataset(
         cfg.repo_id, meta.root, episodes=cfg.episodes, delta_timestamps=delta_timestamps,
         tolerance_s=cfg.tolerance_s, video_backend=cfg.video_backend, return_uint8=True,
         image_cache_mb=cfg.image_cache_mb, decoder_cache_size=cfg.video_decoder_cache,
-        decoder_cache_mb=cfg.video_decoder_cache_mb, meta=meta,
+        decoder_cache_mb=cfg.video_decoder_cache_mb, video_device=device if cfg.video_device == "cuda" else "cpu",
+        meta=meta,
     )
 
 

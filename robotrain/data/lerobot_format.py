@@ -68,6 +68,7 @@ from robotrain.data.video import (
     DEFAULT_DECODER_CACHE_SIZE,
     DecoderCache,
     VideoColumn,
+    check_device,
     VideoEncoder,
     check_backend,
     encoder_info,
@@ -595,7 +596,8 @@ class _Frames:
         """Feature `key` at a row (one frame) or an array of rows (stacked along its shape);
         camera frames (C, H, W), float32 in [0, 1] or, with `uint8`, as stored."""
         if key in self.videos:
-            return _camera_tensor(self.videos[key].take(np.asarray(rows), self.decoders, self.tolerance_s), uint8)
+            frames = self.videos[key].take(np.asarray(rows), self.decoders, self.tolerance_s)
+            return frames if uint8 else to_float(frames)
         if key in self.decoded:
             return _camera_tensor(np.moveaxis(self.decoded[key].take(np.asarray(rows)), -1, -3), uint8)
         values = self.arrays[key][rows]
@@ -702,7 +704,9 @@ class LeRobotDataset(torch.utils.data.Dataset):
     Keyword-only, robotrain's: `return_uint8` returns camera frames as uint8 (C, H, W) instead
     of float32 in [0, 1] — for image cameras too, where LeRobot converts those to float always;
     `image_cache_mb` keeps decoded embedded images up to that size; `decoder_cache_size` /
-    `decoder_cache_mb` bound the open video decoders per process; `meta`: the metadata if the
+    `decoder_cache_mb` bound the open video decoders per process; `video_device`: "cuda" (or
+    "cuda:N") decodes video on that GPU with torchcodec (frames returned there; no DataLoader
+    workers then, CUDA does not survive their fork); `meta`: the metadata if the
     caller has read it already (`load_meta`), so that it is not read twice.
 
     Reading a batch: `get_batch(indices)` returns the collated batch directly, and
@@ -723,6 +727,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         image_cache_mb: float = 2048,
         decoder_cache_size: int = DEFAULT_DECODER_CACHE_SIZE,
         decoder_cache_mb: float = DEFAULT_DECODER_CACHE_MB,
+        video_device: str = "cpu",
         meta: DatasetMeta | None = None,
     ):
         super().__init__()
@@ -744,7 +749,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         self.image_cache_mb = image_cache_mb
         self.video_backend = check_backend(video_backend) if self.meta.video_keys else video_backend
         self._check_video_files()
-        self.decoder_cache = (decoder_cache_size, int(decoder_cache_mb * 2**20))
+        self.decoder_cache = (decoder_cache_size, int(decoder_cache_mb * 2**20), check_device(video_device, self.video_backend))
         self._frames: _Frames | None = None
         self._num_frames = len(self._data())
 

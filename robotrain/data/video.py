@@ -22,8 +22,11 @@ Encoding
   crf=30, preset 12 (`fast-decode=0`); where PyAV lacks libsvtav1 it falls back to libaom-av1,
   then h264, with a warning. `encoder_info` is the `features[key]["info"]` block of info.json.
 
-Decoding on CUDA (torchcodec's NVDEC) is not wired: with frames decoded in DataLoader workers
-it would need one CUDA context per worker; see the README.
+Decoding on the GPU: `device="cuda"` gives torchcodec's NVDEC decoder (CUDA torch and the CUDA
+torchcodec build); frames then stay on the GPU, and the batched path is the same torch code
+that runs on the CPU. CUDA cannot start in forked DataLoader workers, so decoding on the GPU
+happens in the training process (the config refuses it with workers). Unverified without a
+GPU: no test machine has one.
 """
 
 from __future__ import annotations
@@ -82,6 +85,21 @@ def check_backend(backend: str | None) -> str:
     return backend
 
 
+def check_device(device: str | torch.device, backend: str | None) -> str:
+    """Where video frames are decoded: "cpu", or a CUDA device for torchcodec's NVDEC."""
+    device = str(device)
+    if device == "cpu":
+        return device
+    if not device.startswith("cuda"):
+        raise UserError(f"video device {device!r} is not 'cpu' or 'cuda'; choose one of them")
+    if backend == "pyav":
+        raise UserError("PyAV decodes on the CPU only: use dataset.video_backend=torchcodec to decode on the GPU")
+    if not torch.cuda.is_available():
+        raise UserError(f"decoding video on {device!r} needs a CUDA GPU and CUDA torch; this machine has none — "
+                        "use dataset.video_device=cpu")
+    return device
+
+
 def _import_av():
     try:
         import av
@@ -118,12 +136,12 @@ class _VideoFile:
 
 
 class _TorchcodecFile(_VideoFile):
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, device: str = "cpu"):
         from torchcodec.decoders import VideoDecoder
 
         self.path = path
         # "approximate": no scan of the whole file on open; frame indices come from the header.
-        self.decoder = VideoDecoder(str(path), seek_mode="approximate")
+        self.decoder = VideoDecoder(str(path), seek_mode="approximate", device=device)
         meta = self.decoder.metadata
         self.num_frames, self.fps = int(meta.num_frames), float(meta.average_fps)
         self.height, self.width = int(meta.height), int(meta.width)
@@ -208,8 +226,9 @@ class DecoderCache:
     `max_bytes` (estimated). One per process: entries made before a fork are never reused."""
 
     def __init__(self, backend: str, max_count: int = DEFAULT_DECODER_CACHE_SIZE,
-                 max_bytes: int = int(DEFAULT_DECODER_CACHE_MB * 2**20)):
+                 max_bytes: int = int(DEFAULT_DECODER_CACHE_MB * 2**20), device: str = "cpu"):
         self.backend, self.max_count, self.max_bytes = backend, max(1, max_count), max_bytes
+        self.device = torch.device(device)  # where decoded frames are returned
         self._files: OrderedDict[Path, _VideoFile] = OrderedDict()
         self._bytes, self._evictions = 0, 0
         self._lock = threading.Lock()
@@ -248,7 +267,9 @@ class DecoderCache:
             raise UserError(f"video file {path} is missing (meta/info.json's video_path names it); "
                             "re-download the dataset")
         try:
-            return _BACKEND_CLASSES[self.backend](path)
+            if self.backend == "torchcodec":
+                return _TorchcodecFile(path, str(self.device))
+            return _PyAVFile(path)
         except UserError:
             raise
         except Exception as err:  # noqa: BLE001 - any decoder failure is reported the same way
@@ -311,20 +332,22 @@ class VideoColumn:
     row_episode: np.ndarray  # int64 (N,): for error messages
     shape: tuple[int, int, int]  # (H, W, C) as info.json says
 
-    def take(self, rows: np.ndarray, cache: DecoderCache, tolerance_s: float) -> np.ndarray:
-        """uint8 frames (*rows.shape, C, H, W) at `rows`, each file decoded once, in time order."""
+    def take(self, rows: np.ndarray, cache: DecoderCache, tolerance_s: float) -> torch.Tensor:
+        """uint8 frames (*rows.shape, C, H, W) at `rows` on the decoders' device, each file
+        decoded once, in time order."""
         flat = rows.reshape(-1)
         unique, inverse = np.unique(flat, return_inverse=True)
         height, width, channels = self.shape
-        frames = np.empty((len(unique), channels, height, width), dtype=np.uint8)
+        frames = torch.empty((len(unique), channels, height, width), dtype=torch.uint8, device=cache.device)
         order = np.lexsort((self.row_time[unique], self.row_file[unique]))  # by file, then by time
         files = self.row_file[unique][order]
         for start, stop in _runs(files):
             picked = order[start:stop]
-            frames[picked] = self._decode(int(files[start]), unique[picked], cache, tolerance_s)
-        return frames[inverse].reshape(*rows.shape, channels, height, width)
+            decoded = self._decode(int(files[start]), unique[picked], cache, tolerance_s)
+            frames[torch.from_numpy(picked)] = decoded.to(cache.device)  # a PyAV fallback decodes on the CPU
+        return frames[torch.from_numpy(inverse)].reshape(*rows.shape, channels, height, width)
 
-    def _decode(self, file: int, rows: np.ndarray, cache: DecoderCache, tolerance_s: float) -> np.ndarray:
+    def _decode(self, file: int, rows: np.ndarray, cache: DecoderCache, tolerance_s: float) -> torch.Tensor:
         video = cache.get(self.root / self.files[file])
         times = self.row_time[rows]
         indices = np.round(times * video.fps).astype(np.int64)  # LeRobot's frame index for a time
@@ -344,8 +367,8 @@ class VideoColumn:
             raise UserError(f"decoding {video.path} failed ({_reason(err)}): the file is truncated or corrupt; "
                             "re-download the dataset") from None
         self._check_times(times, pts[position], rows, video.path, tolerance_s)
-        pixels = decoded.numpy()[position]
-        if pixels.shape[1:] != (self.shape[2], self.shape[0], self.shape[1]):
+        pixels = decoded[torch.from_numpy(position)]
+        if tuple(pixels.shape[1:]) != (self.shape[2], self.shape[0], self.shape[1]):
             raise UserError(f"{video.path} holds {pixels.shape[2]}x{pixels.shape[3]} frames, not "
                             f"{self.shape[0]}x{self.shape[1]} as info.json says for {self.key}; fix the dataset")
         return pixels
