@@ -50,17 +50,40 @@ def ensure_process_group(device: torch.device) -> None:
 
 
 def shard(policy: nn.Module, device: torch.device) -> nn.Module:
-    """Shard `policy` in place across all processes; returns it."""
+    """Shard `policy` in place across all processes; returns it. Every leaf module with
+    parameters is a unit, and so is each module of `_WHOLE_UNITS` with all it contains; the
+    modules the policy reads outside their forward (`Policy.fsdp_gathered_with_policy`) are
+    held by the policy's own unit."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     ensure_process_group(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for module in list(policy.modules())[1:]:
-        if any(True for _ in module.parameters(recurse=False)) and not list(module.children()):
+    with_policy, units = _gathered_with_policy(policy), set()
+    for name, module in list(policy.named_modules())[1:]:
+        if name in with_policy or any(".".join(name.split(".")[:i]) in units for i in range(1, name.count(".") + 1)):
+            continue
+        leaf_with_parameters = any(True for _ in module.parameters(recurse=False)) and not list(module.children())
+        if isinstance(module, _WHOLE_UNITS) or leaf_with_parameters:
             fully_shard(module, mesh=mesh)
+            units.add(name)
     fully_shard(policy, mesh=mesh)
     return policy
+
+
+#: Modules whose forward reads their children's parameters directly (`nn.MultiheadAttention`
+#: uses `out_proj.weight` in `F.multi_head_attention_forward`): sharded as one unit.
+_WHOLE_UNITS = (nn.MultiheadAttention,)
+
+
+def _gathered_with_policy(policy: nn.Module) -> set[str]:
+    """`fsdp_gathered_with_policy` of the policy, also when PEFT wraps it (names gain a prefix)."""
+    base = getattr(policy, "get_base_model", lambda: policy)()
+    names = set(getattr(base, "fsdp_gathered_with_policy", ()))
+    if base is policy:
+        return names
+    prefix = next(n for n, m in policy.named_modules() if m is base)
+    return {f"{prefix}.{n}" for n in names}
 
 
 def sharded_count(policy: nn.Module) -> int:

@@ -123,6 +123,10 @@ class ACTPolicy(Policy):
 
     name = "act"
     config_class = ACTConfig
+    # LeRobot's ACT reads these embeddings' `.weight` directly as learned tables (CLS token,
+    # positions of the 1-D tokens and of the action queries).
+    fsdp_gathered_with_policy = ("model.vae_encoder_cls_embed", "model.encoder_1d_feature_pos_embed",
+                                 "model.decoder_pos_embed")
 
     def peft_defaults(self) -> dict:
         """Adapters on the transformer (attention output and feed-forward projections of the

@@ -181,6 +181,11 @@ class Policy(nn.Module):
 
     name: ClassVar[str]
     config_class: ClassVar[type[PolicyConfig]]
+    #: Modules whose parameters the policy reads outside their own `forward` (e.g. an embedding's
+    #: `.weight` used as a learned table). FSDP gathers a module's parameters only around its
+    #: forward, so these are not sharded as units of their own: the policy's unit holds them,
+    #: gathered for its whole forward and backward. Names as in `named_modules()`.
+    fsdp_gathered_with_policy: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PolicyConfig, stats: dict[str, dict[str, torch.Tensor]]):
         super().__init__()
