@@ -208,9 +208,6 @@ class _PyAVFile(_VideoFile):
         self.container.close()
 
 
-_BACKEND_CLASSES = {"torchcodec": _TorchcodecFile, "pyav": _PyAVFile}
-
-
 # --------------------------------------------------------------------------------------------
 # The per-process decoder cache
 # --------------------------------------------------------------------------------------------
