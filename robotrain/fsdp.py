@@ -61,7 +61,7 @@ def shard(policy: nn.Module, device: torch.device) -> nn.Module:
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     with_policy, units = _gathered_with_policy(policy), set()
     for name, module in list(policy.named_modules())[1:]:
-        if name in with_policy or any(".".join(name.split(".")[:i]) in units for i in range(1, name.count(".") + 1)):
+        if name in with_policy or _inside(name, units):
             continue
         leaf_with_parameters = any(True for _ in module.parameters(recurse=False)) and not list(module.children())
         if isinstance(module, _WHOLE_UNITS) or leaf_with_parameters:
@@ -74,6 +74,12 @@ def shard(policy: nn.Module, device: torch.device) -> nn.Module:
 #: Modules whose forward reads their children's parameters directly (`nn.MultiheadAttention`
 #: uses `out_proj.weight` in `F.multi_head_attention_forward`): sharded as one unit.
 _WHOLE_UNITS = (nn.MultiheadAttention,)
+
+
+def _inside(name: str, units: set[str]) -> bool:
+    """Whether module `name` lies inside one of `units` (a parent's name is a dotted prefix)."""
+    parts = name.split(".")
+    return any(".".join(parts[:i]) in units for i in range(1, len(parts)))
 
 
 def _gathered_with_policy(policy: nn.Module) -> set[str]:

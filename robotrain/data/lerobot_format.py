@@ -68,12 +68,13 @@ from robotrain.data.video import (
     DEFAULT_DECODER_CACHE_SIZE,
     DecoderCache,
     VideoColumn,
-    check_device,
     VideoEncoder,
     check_backend,
+    check_device,
     encoder_info,
     frames_shape,
     pick_codec,
+    require_file,
     video_keys,
 )
 from robotrain.errors import UserError
@@ -147,7 +148,7 @@ class DatasetMeta:
 
     @property
     def video_keys(self) -> list[str]:
-        return [k for k, ft in self.features.items() if ft["dtype"] == "video"]
+        return video_keys(self.features)
 
     def episode_position(self, episode: int) -> int:
         """Position of `episode` in the episode arrays (they need not be contiguous)."""
@@ -559,11 +560,10 @@ class _DecodedImages:
         return self.cache[rows]
 
 
-def _camera_tensor(pixels_chw: np.ndarray, uint8: bool) -> torch.Tensor:
-    """(..., C, H, W) pixels -> a tensor: uint8 as they are, or float32 in [0, 1] (torchvision's
-    ToTensor; `to_float` does the same later, on the training device)."""
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels_chw))
-    return tensor if uint8 or tensor.dtype != torch.uint8 else to_float(tensor)
+def _camera_tensor(pixels_chw: torch.Tensor, uint8: bool) -> torch.Tensor:
+    """(..., C, H, W) pixels: uint8 as they are, or float32 in [0, 1] (torchvision's ToTensor;
+    `to_float` does the same later, on the training device)."""
+    return pixels_chw if uint8 or pixels_chw.dtype != torch.uint8 else to_float(pixels_chw)
 
 
 def to_float(pixels: torch.Tensor) -> torch.Tensor:
@@ -596,10 +596,10 @@ class _Frames:
         """Feature `key` at a row (one frame) or an array of rows (stacked along its shape);
         camera frames (C, H, W), float32 in [0, 1] or, with `uint8`, as stored."""
         if key in self.videos:
-            frames = self.videos[key].take(np.asarray(rows), self.decoders, self.tolerance_s)
-            return frames if uint8 else to_float(frames)
+            return _camera_tensor(self.videos[key].take(np.asarray(rows), self.decoders, self.tolerance_s), uint8)
         if key in self.decoded:
-            return _camera_tensor(np.moveaxis(self.decoded[key].take(np.asarray(rows)), -1, -3), uint8)
+            pixels = np.moveaxis(self.decoded[key].take(np.asarray(rows)), -1, -3)
+            return _camera_tensor(torch.from_numpy(np.ascontiguousarray(pixels)), uint8)
         values = self.arrays[key][rows]
         if values.dtype == object:  # string features
             return values.tolist() if isinstance(rows, np.ndarray) else values
@@ -769,9 +769,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         """Every MP4 the selected episodes need exists (a stat per file; nothing is decoded)."""
         for key, (files, _) in self.meta.episode_videos.items():
             for rel in dict.fromkeys(files[p] for p in self._positions):
-                if not (self.root / rel).is_file():
-                    raise UserError(f"video file {self.root / rel} of {key!r} is missing (meta/info.json's "
-                                    "video_path names it); re-download the dataset")
+                require_file(self.root / rel, key)
 
     @property
     def fps(self) -> int:
@@ -1048,9 +1046,7 @@ class _V30Writer:
             per_frame = size_mb / max(1, self.total_frames - self.file_start_frame)
             if size_mb + per_frame * length >= self.file_mb:  # LeRobot's rule
                 self._close_data_file()
-                self.file_index += 1
-                if self.file_index == self.chunks_size:
-                    self.chunk_index, self.file_index = self.chunk_index + 1, 0
+                self.chunk_index, self.file_index = _next_file(self.chunk_index, self.file_index, self.chunks_size)
         if self.writer is None:
             path = self.folder / V30_DATA_PATH.format(chunk_index=self.chunk_index, file_index=self.file_index)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -1110,9 +1106,16 @@ class _V30Writer:
         }
 
 
+def _next_file(chunk_index: int, file_index: int, chunks_size: int) -> tuple[int, int]:
+    """The (chunk, file) after this one: `chunks_size` files per chunk folder, as in LeRobot."""
+    return (chunk_index + 1, 0) if file_index + 1 == chunks_size else (chunk_index, file_index + 1)
+
+
 class _VideoFiles:
     """One camera's MP4 files in a v3.0 dataset being written: episodes are appended to the
-    current file, which rolls over past `file_mb` (LeRobot's rule), `chunks_size` per chunk."""
+    current file, and the next episode starts a new one once it holds `file_mb`. (LeRobot checks
+    the size with the next episode included; one continuous encoder learns an episode's size
+    only after encoding it.) `chunks_size` files per chunk folder."""
 
     def __init__(self, folder: Path, key: str, fps: int, shape: list[int], chunks_size: int, file_mb: float):
         self.folder, self.key, self.fps, self.chunks_size, self.file_mb = folder, key, fps, chunks_size, file_mb
@@ -1126,9 +1129,7 @@ class _VideoFiles:
         if self.encoder is not None and self.encoder.bytes_written / 2**20 >= self.file_mb:
             self.encoder.close()
             self.encoder = None
-            self.file_index += 1
-            if self.file_index == self.chunks_size:
-                self.chunk_index, self.file_index = self.chunk_index + 1, 0
+            self.chunk_index, self.file_index = _next_file(self.chunk_index, self.file_index, self.chunks_size)
         if self.encoder is None:
             path = self.folder / V30_VIDEO_PATH.format(video_key=self.key, chunk_index=self.chunk_index,
                                                       file_index=self.file_index)

@@ -6,16 +6,18 @@ Decoding
   through the system's FFmpeg 4-8 shared libraries) and **PyAV** (bundles its own FFmpeg with
   dav1d). A file torchcodec cannot open is retried with PyAV once, with a warning.
 - `VideoColumn.take(rows)` is the batched path: it collects every frame a whole batch needs,
-  groups them by file, sorts them by time and asks each file once — one decoder pass per file
-  instead of one seek per sample and camera, which is where LeRobot 0.6.1's per-item path loses
-  most of the decoder's speed.
+  groups them by file, sorts them by time and asks each file once, instead of one decoder call
+  per sample and camera (LeRobot 0.6.1). Frames that share keyframes are decoded once; random
+  samples of AV1 with LeRobot's keyframe every 2 frames share few, so at larger frame sizes the
+  decoding itself dominates (see benchmarks/video.py).
 - Frames are matched to the query times as LeRobot does: frame index `round(t * fps)`, then the
   decoded frame's timestamp must be within `tolerance_s` of the query (else a one-line error
   naming the episode, camera and times). The check is done in float64; LeRobot compares in
   float32, which cannot resolve 1e-4 s past ~500 s into a concatenated file.
-- Decoders are cached per process in an LRU bounded by count and by (estimated) bytes, so
-  memory stays flat over an epoch however many files a dataset has. A forked DataLoader worker
-  never uses its parent's decoders (FFmpeg state does not survive a fork).
+- Decoders are cached per process in an LRU bounded by count and by (estimated) bytes, and the
+  memory evicted decoders free is handed back to the OS, so memory stays flat over an epoch
+  however many files a dataset has (FFmpeg/torchcodec keep ~4 KB per reopened file). A forked
+  DataLoader worker never uses its parent's decoders (FFmpeg state does not survive a fork).
 
 Encoding
 - `VideoEncoder` writes one camera's frames as LeRobot 0.6.1 does: libsvtav1, yuv420p, g=2,
@@ -98,6 +100,14 @@ def check_device(device: str | torch.device, backend: str | None) -> str:
         raise UserError(f"decoding video on {device!r} needs a CUDA GPU and CUDA torch; this machine has none — "
                         "use dataset.video_device=cpu")
     return device
+
+
+def require_file(path: Path, key: str | None = None) -> None:
+    """A one-line error unless the MP4 `path` (of camera `key`) exists."""
+    if not path.is_file():
+        of = f" of {key!r}" if key else ""
+        raise UserError(f"video file {path}{of} is missing (meta/info.json's video_path names it); "
+                        "re-download the dataset")
 
 
 def _import_av():
@@ -260,9 +270,7 @@ class DecoderCache:
             return video
 
     def _open(self, path: Path) -> _VideoFile:
-        if not path.is_file():
-            raise UserError(f"video file {path} is missing (meta/info.json's video_path names it); "
-                            "re-download the dataset")
+        require_file(path)
         try:
             if self.backend == "torchcodec":
                 return _TorchcodecFile(path, str(self.device))
