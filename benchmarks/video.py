@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import inspect
 import json
 import os
 import shutil
@@ -122,9 +121,6 @@ def _episodes(num: int, length: int, height: int, width: int, cameras: int) -> I
 def ensure_video_dataset(workdir: Path, episodes: int, length: int, height: int, width: int, cameras: int,
                          fps: int, video_file_mb: float | None = None) -> Path:
     """A generated video dataset under `workdir`, named after its parameters, written once."""
-    if video_file_mb and "video_files_size_in_mb" not in inspect.signature(write_dataset).parameters:
-        print(f"  (write_dataset cannot roll MP4 files over at {video_file_mb} MB: one file per camera)")
-        video_file_mb = None
     name = f"ep{episodes}x{length}-{height}x{width}-cam{cameras}-fps{fps}" + (
         f"-files{video_file_mb:g}mb" if video_file_mb else "")
     root = workdir / name
