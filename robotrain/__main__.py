@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from robotrain import cli_errors, dispatch
+from robotrain import cli_errors, dispatch, distributed
 from robotrain.dispatch import RemoteRun
 from robotrain.config import conf_dir, parse, register_configs
 from robotrain.errors import UserError
@@ -36,7 +36,13 @@ def _hydra_main(composed: DictConfig) -> float | None:
     try:
         result = run(composed)
     except UserError as err:
+        if distributed.launched():  # the other processes may wait for this one in a collective
+            distributed.exit_failed(err, _what_ran(composed), cli_errors.EXIT_USAGE)
         cli_errors.fail(str(err))
+    except Exception as err:
+        if distributed.launched():
+            distributed.exit_failed(err, _what_ran(composed))
+        raise
     if isinstance(result, RemoteRun):
         return _finish_remote(result)
     if isinstance(result, int):  # the exit code of processes launched here
@@ -46,13 +52,17 @@ def _hydra_main(composed: DictConfig) -> float | None:
     return _finish_local(result)
 
 
+def _what_ran(composed: DictConfig) -> str:
+    return f"training policy {composed.policy.type} with strategy {composed.distributed.strategy}"
+
+
 def run(composed: DictConfig):
     """Validate; then dispatch the run (job.target slurm|hf: returns a `RemoteRun`), start
     several processes (distributed.processes=N: returns their exit code), or resolve resume
     and train in this process (returns the `RunResult`)."""
     from hydra.core.hydra_config import HydraConfig
 
-    from robotrain import distributed, resume
+    from robotrain import resume
     from robotrain.train import train
 
     hydra_cfg = HydraConfig.get()
@@ -75,8 +85,6 @@ def run(composed: DictConfig):
 
 def _finish_local(result):
     """Report a preemption (exit 75 for requeue); end a multi-process run cleanly."""
-    from robotrain import distributed
-
     code = 0
     if result.preempted_by:
         code = EXIT_PREEMPTED

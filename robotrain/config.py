@@ -345,11 +345,15 @@ class DistributedConfig:
     """Processes to start on this machine (robotrain runs torchrun for you). Under torchrun,
     accelerate launch or a multi-task SLURM job, the world comes from the environment instead."""
     strategy: str = "ddp"
-    """ddp: each process holds the whole model; fsdp: parameters, gradients and optimizer state are sharded."""
+    """ddp: each process holds the whole model; fsdp: parameters, gradients and optimizer state are sharded
+    (the choices: robotrain.distributed.STRATEGIES)."""
 
     def __post_init__(self) -> None:
         _require(self.processes >= 1, f"distributed.processes must be >= 1, got {self.processes}")
-        _require(self.strategy in ("ddp", "fsdp"), f"distributed.strategy must be ddp or fsdp, got {self.strategy!r}")
+        from robotrain.distributed import STRATEGIES
+
+        _require(self.strategy in STRATEGIES,
+                 f"distributed.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
 
 
 @dataclass

@@ -9,6 +9,11 @@ under all of them. On GPUs the processes talk over NCCL, on CPUs over gloo.
 
 Several processes end with barrier -> destroy_process_group -> `os._exit`: gloo processes
 that leave through interpreter shutdown abort now and then (measured: ~10 % of runs).
+
+A process that fails leaves at once (`exit_failed`), without the barrier: the others may be
+waiting for it in a collective. The first process to fail says why; the others' errors follow
+from it (a collective whose peer is gone), so they leave without a word. torchrun then stops
+whatever still runs, and `run_agent` keeps its report of the failure off the terminal.
 """
 
 from __future__ import annotations
@@ -18,12 +23,21 @@ import re
 import signal
 import subprocess
 import sys
+import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, Sequence
 
 from robotrain import preemption
+from robotrain.errors import UserError
 
 _PORT_BASE, _PORT_SPAN = 20000, 20000
+
+#: `distributed.strategy` values: how several processes hold the model.
+STRATEGIES = {
+    "ddp": "each process holds the whole model",
+    "fsdp": "parameters, gradients and optimizer state are sharded over the processes",
+}
 
 
 def first_host(nodelist: str) -> str:
@@ -69,7 +83,8 @@ def launch_local(processes: int, overrides: Sequence[str], run_dir: Path) -> int
 
     Every process gets the same run dir (a timestamped default would differ per process).
     SIGTERM/SIGUSR2 sent to this process are passed on, so preemption still saves."""
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+    argv = [sys.executable, "-c", "from robotrain.distributed import run_agent; run_agent()",
+            "--standalone", f"--nproc_per_node={processes}",
             "-m", "robotrain", *[o for o in overrides if not o.startswith("hydra.run.dir=")],
             f"hydra.run.dir={Path(run_dir).resolve()}"]
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // processes)), **os.environ}
@@ -84,6 +99,63 @@ def launch_local(processes: int, overrides: Sequence[str], run_dir: Path) -> int
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def run_agent() -> NoReturn:
+    """torchrun's command line (`python -c ... <torchrun arguments>`), minus its failure report.
+
+    A failed robotrain process has printed why (once, see `exit_failed`); torchrun would add a
+    banner and a traceback of its own per run. Only when no process could say anything (every
+    failed one was killed by a signal, e.g. out of memory) is there a line here. Exits 75 when
+    every process stopped for a preemption, else with the first failed process's status."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        main()
+    except ChildFailedError as failed:
+        codes = [failure.exitcode for failure in failed.failures.values()]
+        rank, first = failed.get_first_failure()
+        if all(code < 0 for code in codes):
+            print(f"robotrain: error: process {rank} was killed by {signal.Signals(-first.exitcode).name}"
+                  f"{' (out of memory?)' if first.exitcode == -signal.SIGKILL else ''}", file=sys.stderr)
+        if all(code == preemption.EXIT_PREEMPTED for code in codes):
+            sys.exit(preemption.EXIT_PREEMPTED)
+        sys.exit(max(first.exitcode, 1))
+    sys.exit(0)
+
+
+def exit_failed(error: BaseException, what: str, code: int = 1) -> NoReturn:
+    """Leave a multi-process run that failed in this process, now. The first process to fail
+    prints the traceback and a line naming the process and `what` ran; a process whose error
+    came after another's (its collective lost a peer) leaves silently."""
+    if _first_to_fail():
+        if not isinstance(error, UserError):  # its message is the whole story
+            traceback.print_exception(error)
+        print(f"robotrain: error: process {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} "
+              f"failed {what}: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _first_to_fail() -> bool:
+    """Counts failures in the process group's store (the rendezvous every process shares); true
+    for the first. Without a reachable store (no group yet, its host gone), assume first."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    try:
+        store = _get_default_store()
+        store.set_timeout(timedelta(seconds=5))
+        return store.add("robotrain/failed", 1) == 1
+    except Exception:  # noqa: BLE001 - the store's host died with its process: nobody else can tell
+        return True
 
 
 def make_accelerator():

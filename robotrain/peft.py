@@ -30,10 +30,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def _peft_config(cfg, targets, modules_to_save):
+def _peft_config(cfg, targets, modules_to_save, exclude):
     import peft
 
-    common = {"target_modules": targets, "modules_to_save": modules_to_save or None}
+    common = {"target_modules": targets, "modules_to_save": modules_to_save or None, "exclude_modules": exclude or None}
     init = cfg.init_type if cfg.init_type != "default" else True
     if cfg.method == "lora":
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights=init, **common)
@@ -57,7 +57,7 @@ def apply(policy: nn.Module, cfg, policy_cfg) -> nn.Module:
     defaults = policy.peft_defaults()
     targets = cfg.target_modules if cfg.target_modules is not None else defaults["target_modules"]
     to_save = cfg.modules_to_save if cfg.modules_to_save is not None else defaults["modules_to_save"]
-    config = _peft_config(cfg, targets, to_save)
+    config = _peft_config(cfg, targets, to_save, _unadaptable(policy))
     try:
         model = get_peft_model(policy, config)
     except ValueError as err:  # peft's "Target modules ... not found in the base model"
@@ -67,6 +67,14 @@ def apply(policy: nn.Module, cfg, policy_cfg) -> nn.Module:
     model.peft_config["default"].base_model_name_or_path = policy_cfg.pretrained_path
     model.peft_config["default"].revision = policy_cfg.pretrained_revision
     return model
+
+
+def _unadaptable(policy: nn.Module) -> list[str]:
+    """Linear layers an adapter would never reach: nn.MultiheadAttention reads its `out_proj`
+    weight directly instead of calling it, so an adapter there gets no gradient (and DDP stops
+    on the unused parameter). Excluded whatever peft.target_modules says."""
+    return [f"{name}.out_proj" if name else "out_proj" for name, module in policy.named_modules()
+            if isinstance(module, nn.MultiheadAttention)]
 
 
 def is_adapted(model: nn.Module) -> bool:

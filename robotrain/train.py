@@ -8,7 +8,7 @@
     evaluate, push the final model, wait (bounded) for uploads
 
 Each optimizer step consumes one global batch of consecutive sampler positions, so the
-data position after step `s` is the start position plus `(s - start step) * global_batch`
+data position after step `s` is the start position plus `(s - start step) * global_batch_size`
 and a resumed run continues the exact sequence of batches. SIGTERM/SIGUSR2 stop the loop
 at the next step boundary with a checkpoint (see `robotrain.preemption`). Checkpoint uploads run in the background
 (`robotrain.hub.CheckpointPusher`): the loop never waits for the network.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from robotrain import checkpoint, data, distributed, fsdp, peft, policies, tracking
+from robotrain import checkpoint, data, distributed, fsdp, global_batch, peft, policies, tracking
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader, to_device
 from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
@@ -109,10 +109,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.steps)
     if accelerator.num_processes > 1:
         seed_everything(cfg.seed + accelerator.process_index)  # per-process randomness from here on
-    global_batch = cfg.batch_size * accelerator.num_processes
+    global_batch_size = cfg.batch_size * accelerator.num_processes
     step, position = 0, 0
     if resume is not None:
-        step, position = _restore(cfg, resume, policy, optimizer, scheduler, sampler, accelerator, global_batch)
+        step, position = _restore(cfg, resume, policy, optimizer, scheduler, sampler, accelerator, global_batch_size)
     if cfg.distributed.strategy != "fsdp":
         policy, optimizer = accelerator.prepare(policy, optimizer)
 
@@ -121,7 +121,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
                        is_main=accelerator.is_main_process)
     out = _Outputs.open(cfg, run_dir, resume, accelerator, result, step, accelerator.unwrap_model(policy))
     saver = _Saver(cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, out.tracker,
-                   global_batch, start=(step, position))
+                   global_batch_size, start=(step, position))
     if resume is None and cfg.eval.at_start:
         out.evaluator.run(policy, step, label="untrained")
 
@@ -132,14 +132,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
                 t0 = time.perf_counter()
                 batch = next(stream)
                 t1 = time.perf_counter()
-                loss, grad_norm = _update(cfg, accelerator, policy, optimizer, scheduler, batch)
+                loss, grad_norm = _update(cfg, accelerator, policy, optimizer, scheduler, batch, step)
                 step += 1
                 out.samples(step, batch["index"])
                 window.add(loss, grad_norm, t1 - t0, time.perf_counter() - t0)
 
                 metrics = None
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    metrics = result.last_metrics = window.flush(scheduler.get_last_lr()[0], global_batch)
+                    metrics = result.last_metrics = window.flush(scheduler.get_last_lr()[0], global_batch_size)
                     out.log(step, metrics)
                 out.progress.update(step, metrics)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
@@ -238,9 +238,11 @@ def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, sampler, positi
     )
 
 
-def _update(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, scheduler, batch: dict):
+def _update(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, scheduler, batch: dict, step: int):
     """One optimizer step on one batch; returns (loss, grad norm or None) as tensors."""
-    loss, _ = policy(to_device(batch, accelerator.device))
+    # The policy's noise and masked means come from the global batch: any process count trains alike.
+    with global_batch.step(cfg.seed, step, accelerator.process_index, accelerator.num_processes):
+        loss, _ = policy(to_device(batch, accelerator.device))
     accelerator.backward(loss)
     grad_norm = None
     if cfg.optim.grad_clip_norm > 0:
@@ -260,7 +262,7 @@ def _load_resumed_weights(policy, pretrained_dir: Path) -> None:
 
 
 def _restore(cfg, resume: ResumePoint, policy, optimizer, scheduler, sampler, accelerator,
-             global_batch: int) -> tuple[int, int]:
+             global_batch_size: int) -> tuple[int, int]:
     """Restore optimizer, schedule, RNG and data position (weights are loaded already);
     returns (step, global sample position). A sharded (FSDP) checkpoint's optimizer state is
     resharded onto this world by torch.distributed.checkpoint."""
@@ -274,12 +276,12 @@ def _restore(cfg, resume: ResumePoint, policy, optimizer, scheduler, sampler, ac
                                            scheduler, rank=accelerator.process_index)
     if not cfg.resume.allow_changes:
         sampler.load_state_dict(state["sampler_state"])  # refuses a changed dataset or sampler
-    saved_global = state.get("global_batch_size", global_batch)
-    if saved_global != global_batch:
+    saved_global = state.get("global_batch_size", global_batch_size)
+    if saved_global != global_batch_size:
         log.warning(
             "the global batch changes from %d (%d processes x %d) to %d (%d x %d): training continues at "
             "sample %d of the same order, but its batches (and so the weights) differ from the original run's",
-            saved_global, state.get("num_processes", 1), state.get("batch_size", saved_global), global_batch,
+            saved_global, state.get("num_processes", 1), state.get("batch_size", saved_global), global_batch_size,
             accelerator.num_processes, cfg.batch_size, state["sample_position"])
     if not state["rng_restored"]:
         log.warning("the checkpoint has no RNG state for process %d (it had %d processes): that process's "
@@ -298,12 +300,12 @@ class _Saver:
     both old and already pushed."""
 
     def __init__(self, cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, tracker,
-                 global_batch: int, start: tuple[int, int]):
+                 global_batch_size: int, start: tuple[int, int]):
         """`start`: the (step, global sample position) this run started from; a resumed run may
         use another global batch than the one that reached that position."""
         self.cfg, self.checkpoints = cfg, run_dir / "checkpoints"
         self.accelerator, self.optimizer, self.scheduler, self.sampler = accelerator, optimizer, scheduler, sampler
-        self.pusher, self.tracker, self.global_batch, self.start = pusher, tracker, global_batch, start
+        self.pusher, self.tracker, self.global_batch_size, self.start = pusher, tracker, global_batch_size, start
         self.sharded = cfg.distributed.strategy == "fsdp"
         self.last: Path | None = None
 
@@ -326,13 +328,13 @@ class _Saver:
             self.accelerator.wait_for_everyone()
             return None
         start_step, start_position = self.start
-        position = start_position + (step - start_step) * self.global_batch
+        position = start_position + (step - start_step) * self.global_batch_size
         self.sampler.seek(position)
         self.last = checkpoint.save(
             self.checkpoints, step=step, total_steps=self.cfg.steps, save_pretrained=save_pretrained,
             staged=self.sharded, optimizer=optimizer, scheduler=self.scheduler, train_config=to_dict(self.cfg),
             training_step={"num_processes": self.accelerator.num_processes, "batch_size": self.cfg.batch_size,
-                           "global_batch_size": self.global_batch, "sample_position": position},
+                           "global_batch_size": self.global_batch_size, "sample_position": position},
             sampler_state=self.sampler.state_dict(), fsync=self.cfg.checkpoint.fsync, rng_states=rng_states,
             extra_state=self.tracker.training_state(),
         )
@@ -390,14 +392,14 @@ class _Window:
         self.data_s += data_s
         self.total_s += total_s
 
-    def flush(self, lr: float, global_batch: int) -> dict[str, float]:
+    def flush(self, lr: float, global_batch_size: int) -> dict[str, float]:
         n = max(self.n, 1)
         metrics = {
             "loss": float(self.loss_sum) / n,
             "grad_norm": float(self.grad_sum) / n,
             "lr": lr,
             "steps_per_s": n / max(self.total_s, 1e-9),
-            "samples_per_s": n * global_batch / max(self.total_s, 1e-9),
+            "samples_per_s": n * global_batch_size / max(self.total_s, 1e-9),
             "data_wait_frac": self.data_s / max(self.total_s, 1e-9),
         }
         self.reset()

@@ -179,6 +179,29 @@ def test_each_policys_lora_default_trains_the_expected_parameters(policy_type):
     assert adapted and rpeft.trainable_parameters(model)[0] == expected
 
 
+@pytest.mark.parametrize("targets", [None, "all-linear"], ids=["defaults", "all-linear"])
+@pytest.mark.parametrize("policy_type", sorted(TINY_POLICIES))
+def test_every_adapter_parameter_gets_a_gradient(policy_type, targets):
+    """An adapter the forward pass never reaches (nn.MultiheadAttention's out_proj) would not
+    train, and DDP would stop on its unused parameters."""
+    from torch.utils.data import default_collate
+
+    from robotrain.config import PeftConfig, parse
+    from robotrain.data import LeRobotDataset
+    from robotrain.data.lerobot_format import load_meta
+
+    root = Path(__file__).parent / "data" / "lerobot_v3_tiny"
+    meta = load_meta(root)
+    fields = {"policy": {"type": policy_type, **TINY_POLICIES[policy_type]}, "dataset": {"repo_id": "user/tiny", "root": "x"}}
+    policy = policies.make(parse(fields).policy, meta.features, meta.stats)
+    fields["policy"]["pretrained_path"] = "x"
+    model = rpeft.apply(policy, PeftConfig(method="lora", r=4, target_modules=targets), parse(fields).policy)
+    dataset = LeRobotDataset("user/tiny", root=root, delta_timestamps=policy.config.delta_timestamps(meta.fps))
+    loss, _ = model(default_collate([dataset[i] for i in range(2)]))
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
 def test_a_peft_run_resumes_from_the_hub_bit_exactly(module_cli, hub, base_run, lora_run, tmp_path):
     repo = "user/peft-resume"
     cli = type(module_cli)(env={**module_cli.env, **hub.env}, cwd=tmp_path)

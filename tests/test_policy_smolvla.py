@@ -204,12 +204,14 @@ def test_pretrained_vlm_weights_load_from_a_local_folder(dataset, tiny_vlm, tmp_
 def test_cli_trains_offline_and_the_loss_decreases(cli, tmp_path, tiny_vlm):
     run_dir = tmp_path / "run"
     done = cli.run("policy=smolvla", f"policy.vlm_model_name={tiny_vlm}", *TINY_CLI,
-                   "dataset.synthetic.num_episodes=20", "batch_size=4", "eval.enabled=false", "steps=10",
-                   "log_every=5", "scheduler.warmup_steps=2", f"hydra.run.dir={run_dir}")
+                   "dataset.synthetic.num_episodes=20", "batch_size=8", "eval.enabled=false", "steps=40",
+                   "log_every=10", "scheduler.warmup_steps=2", f"hydra.run.dir={run_dir}")
     assert done.returncode == 0, done.stderr
+    # Flow matching's loss is noisy over a few steps (random times and noise); 40 steps drop it
+    # by 0.2 or more from the first 10 (measured on 4 seeds).
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 2 and losses[1] < losses[0], losses
-    pretrained = run_dir / "checkpoints" / "000010" / "pretrained_model"
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    pretrained = run_dir / "checkpoints" / "000040" / "pretrained_model"
     assert json.loads((pretrained / "config.json").read_text())["type"] == "smolvla"
     assert policies.from_pretrained(pretrained).select_action(observation(2)).shape == (2, 2)
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robotrain import global_batch
 from robotrain.errors import UserError
 from robotrain.policies.base import Policy, PolicyConfig
 from robotrain.policies.resnet import ResNet18
@@ -129,10 +130,11 @@ class ACTPolicy(Policy):
                                  "model.decoder_pos_embed")
 
     def peft_defaults(self) -> dict:
-        """Adapters on the transformer (attention output and feed-forward projections of the
-        encoder and decoder); the action head, which maps to this dataset's actions, is trained
-        in full. The backbone and the VAE encoder (training-time only) stay frozen."""
-        return {"target_modules": r"model\.(encoder|decoder)\.layers\.\d+\.(self_attn\.out_proj|multihead_attn\.out_proj|linear1|linear2)",
+        """Adapters on the transformer's feed-forward projections (encoder and decoder); the
+        action head, which maps to this dataset's actions, is trained in full. The backbone
+        and the VAE encoder (training-time only) stay frozen. Attention is not adapted:
+        nn.MultiheadAttention reads its projections' weights without calling them."""
+        return {"target_modules": r"model\.(encoder|decoder)\.layers\.\d+\.(linear1|linear2)",
                 "modules_to_save": ["model.action_head"]}
 
     def __init__(self, config: ACTConfig, stats):
@@ -281,7 +283,7 @@ class ACT(nn.Module):
                                        key_padding_mask=key_padding_mask)[0]
             latent_params = self.vae_encoder_latent_output_proj(cls_out)
             mu, log_sigma_x2 = latent_params[:, : cfg.latent_dim], latent_params[:, cfg.latent_dim:]
-            latent = mu + log_sigma_x2.div(2).exp() * torch.randn_like(mu)  # reparameterization
+            latent = mu + log_sigma_x2.div(2).exp() * global_batch.randn(mu.shape, mu.device, mu.dtype)  # reparameterization
         else:
             mu = log_sigma_x2 = None
             latent = torch.zeros(batch_size, cfg.latent_dim, dtype=torch.float32, device=device)

@@ -12,10 +12,10 @@ and shapes equal LeRobot's exactly (tests/data/lerobot_keys/diffusion*_keys.json
 Noise schedules are diffusers' `DDPMScheduler` / `DDIMScheduler` (`noise_scheduler_type`),
 constructed with the same arguments LeRobot passes; they hold no weights.
 
-Randomness: training draws the noise, the timesteps and the random crop offsets from the
-global torch RNG (so a run is a pure function of its seed and resumes bit-exactly once the
-RNG is restored). As in torchvision's `RandomCrop` (which LeRobot uses), one crop offset is
-drawn per call and applied to the whole batch. Inference draws the initial noise (and
+Randomness: training draws the noise, the timesteps and the random crop offsets through
+`robotrain.global_batch` (a function of seed and step, the same for a sample however the
+global batch is split over processes). As in torchvision's `RandomCrop` (which LeRobot uses),
+one crop offset is drawn per call and applied to the whole (global) batch. Inference draws the initial noise (and
 DDPM's per-step noise) from the global torch RNG as well.
 
 Acting: `select_action` takes single-frame observations, keeps the last `n_obs_steps` of
@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robotrain import global_batch
 from robotrain.errors import UserError
 from robotrain.policies.base import Policy, PolicyConfig
 from robotrain.policies.resnet import ResNet18
@@ -345,9 +346,9 @@ class DiffusionModel(nn.Module):
         epsilon (or the clean sample) with MSE."""
         global_cond = self._prepare_global_conditioning(batch)
         trajectory = batch[ACTION]
-        eps = torch.randn(trajectory.shape, device=trajectory.device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (trajectory.shape[0],),
-                                  device=trajectory.device).long()
+        eps = global_batch.randn(trajectory.shape, trajectory.device)
+        timesteps = global_batch.randint(self.noise_scheduler.config.num_train_timesteps, (trajectory.shape[0],),
+                                         trajectory.device).long()
         noisy = self.noise_scheduler.add_noise(trajectory, eps, timesteps)
         pred = self.unet(noisy, timesteps, global_cond=global_cond)
         target = eps if self.config.prediction_type == "epsilon" else trajectory
@@ -407,13 +408,12 @@ class DiffusionRgbEncoder(nn.Module):
         self.relu = nn.ReLU()
 
     def _crop(self, x: Tensor) -> Tensor:
-        """torchvision's RandomCrop (one offset per call, torch.randint) / CenterCrop."""
+        """torchvision's RandomCrop (one offset per call) / CenterCrop."""
         (h, w), (th, tw) = x.shape[-2:], self.crop_shape
         if self.training and self.crop_is_random:
             if h == th and w == tw:
                 return x
-            top = int(torch.randint(0, h - th + 1, size=(1,)).item())
-            left = int(torch.randint(0, w - tw + 1, size=(1,)).item())
+            top, left = global_batch.shared_randint(h - th + 1), global_batch.shared_randint(w - tw + 1)
         else:
             top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
         return x[..., top: top + th, left: left + tw]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robotrain import global_batch
 from robotrain.errors import UserError
 from robotrain.policies.base import Policy, PolicyConfig
 
@@ -78,6 +79,4 @@ class MLPPolicy(Policy):
         loss_fn = F.l1_loss if self.config.loss == "l1" else F.mse_loss
         per_elem = loss_fn(pred, target, reduction="none")
         # Targets past the episode end are padding copies of the last frame: ignore them.
-        valid = ~batch["action_is_pad"]
-        loss = (per_elem * valid.unsqueeze(-1)).sum() / (valid.sum() * self.action_dim).clamp(min=1)
-        return loss, {}
+        return global_batch.masked_mean(per_elem, ~batch["action_is_pad"].unsqueeze(-1)), {}

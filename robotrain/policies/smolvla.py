@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robotrain import global_batch
 from robotrain.errors import UserError
 from robotrain.policies.base import Policy, PolicyConfig
 
@@ -573,10 +574,6 @@ class VLAFlowMatching(nn.Module):
     def sample_noise(self, shape, device) -> torch.Tensor:
         return torch.normal(mean=0.0, std=1.0, size=shape, dtype=torch.float32, device=device)
 
-    def sample_time(self, bsize: int, device) -> torch.Tensor:
-        beta = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0))
-        return beta.sample((bsize,)).to(device=device, dtype=torch.float32) * 0.999 + 0.001
-
     def _embed_tokens(self, tokens: torch.Tensor, bsize: int, device) -> torch.Tensor:
         return self.vlm_with_expert.embed_language_tokens(tokens.to(device)).unsqueeze(0).expand(bsize, -1, -1)
 
@@ -637,9 +634,9 @@ class VLAFlowMatching(nn.Module):
     def forward(self, images, img_masks, lang_tokens, lang_masks, state, actions, noise=None, time=None):
         """Per-element flow-matching loss (B, chunk, max_action_dim)."""
         if noise is None:
-            noise = self.sample_noise(actions.shape, actions.device)
-        if time is None:
-            time = self.sample_time(actions.shape[0], actions.device)
+            noise = global_batch.randn(actions.shape, actions.device)
+        if time is None:  # Beta(1.5, 1) by its inverse CDF, u ** (1 / 1.5), scaled into [0.001, 1)
+            time = global_batch.rand((actions.shape[0],), actions.device).pow(1 / 1.5) * 0.999 + 0.001
         t = time[:, None, None]
         x_t = t * noise + (1 - t) * actions
         u_t = noise - actions
@@ -833,9 +830,7 @@ class SmolVLAPolicy(Policy):
         is_pad = batch.get(f"{ACTION}_is_pad")
         if is_pad is None:
             return losses.mean(), {}
-        losses = losses * (~is_pad).unsqueeze(-1)
-        num_valid = ((~is_pad).sum() * losses.shape[-1]).clamp_min(1)
-        return losses.sum() / num_valid, {}
+        return global_batch.masked_mean(losses, ~is_pad.unsqueeze(-1)), {}
 
     def predict_chunk(self, batch):
         images, img_masks, lang_tokens, lang_masks, state = self._inputs(batch)

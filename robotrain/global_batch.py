@@ -1,0 +1,106 @@
+"""What a policy computes from the global batch, not from this process's share of it.
+
+DDP and FSDP average the processes' gradients. That average is the gradient of the global
+batch's loss only if each process's loss is its share of one global quantity. Two things in a
+policy's loss would otherwise depend on how the global batch is split, and come from here:
+
+- Training noise (diffusion noise and timesteps, flow-matching noise and times, ACT's latent
+  sample, a random crop offset). Inside `step(...)`, which the training loop opens around each
+  forward pass, every process seeds one generator from (seed, step), draws the numbers for the
+  whole global batch and keeps its own rows: process `r` of `n`, with `b` samples each, keeps
+  rows `[r*b, (r+1)*b)`, the rows its samples hold in the global batch (`GlobalBatchSampler`
+  cuts it the same way). A resumed run draws the same numbers without saved state: they are a
+  function of (seed, step).
+- Masked means (a loss averaged over the action steps that are not padding): the count of
+  valid entries is summed over processes (`masked_mean`).
+
+So a single process with a global batch of 8 and two processes with 4 each compute the same
+update, up to float reduction order. Outside `step(...)` (inference, a user calling a loss by
+hand) draws come from the global torch RNG, as in LeRobot, and means are local. Dropout is not
+covered: each process keeps its own RNG for it (seeded per process by the training loop).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class _Step:
+    seed: int
+    rank: int
+    num_processes: int
+    generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        device = torch.device(device)
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self.generators[device]
+
+
+_current: ContextVar[_Step | None] = ContextVar("robotrain_global_batch_step", default=None)
+
+
+@contextmanager
+def step(seed: int, step: int, rank: int = 0, num_processes: int = 1) -> Iterator[None]:
+    """Draws inside come from (seed, step), the same rows for a sample on any number of processes."""
+    mixed = int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1)
+    token = _current.set(_Step(mixed, rank, num_processes))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def randn(shape: tuple[int, ...], device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal samples; `shape[0]` is this process's batch."""
+    return _draw(torch.randn, shape, device, dtype=dtype)
+
+
+def rand(shape: tuple[int, ...], device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Uniform [0, 1) samples; `shape[0]` is this process's batch."""
+    return _draw(torch.rand, shape, device, dtype=dtype)
+
+
+def randint(high: int, shape: tuple[int, ...], device) -> torch.Tensor:
+    """Integers in [0, high); `shape[0]` is this process's batch."""
+    return _draw(partial(torch.randint, 0, high), shape, device)
+
+
+def _draw(sample, shape: tuple[int, ...], device, **kwargs) -> torch.Tensor:
+    current = _current.get()
+    if current is None:
+        return sample(shape, device=device, **kwargs)
+    full = sample((shape[0] * current.num_processes, *shape[1:]), generator=current.generator(device),
+                  device=device, **kwargs)
+    return full[current.rank * shape[0]: (current.rank + 1) * shape[0]]
+
+
+def shared_randint(high: int) -> int:
+    """One integer in [0, high) for the whole global batch (e.g. a crop offset for every sample)."""
+    current = _current.get()
+    generator = current.generator(torch.device("cpu")) if current is not None else None
+    return int(torch.randint(0, high, (1,), generator=generator).item())
+
+
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` over the entries `valid` (broadcast to its shape) marks, over the global
+    batch: inside `step(...)` each process returns its part of the global sum over the global
+    count, times the number of processes, so that the processes' average is the global mean."""
+    valid = valid.expand_as(values)
+    total, count = (values * valid).sum(), valid.sum()
+    current = _current.get()
+    if current is None or current.num_processes == 1:
+        return total / count.clamp(min=1)
+    count = count.detach().clone()
+    dist.all_reduce(count)
+    return total / count.clamp(min=1) * current.num_processes
