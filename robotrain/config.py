@@ -555,6 +555,9 @@ def parse(cfg: DictConfig | dict) -> TrainConfig:
     policy_cls = policy_config_class(policy_raw["type"])
     train = _typed(TrainConfig, raw, where="config")
     train.policy = _typed(policy_cls, policy_raw, where="policy")
+    # Here, before a policy fetches a tokenizer or backbone weights it would not be adapted from.
+    _require(train.peft.method == "none" or bool(train.policy.pretrained_path),
+             f"peft={train.peft.method} adapts a pretrained policy: set policy.pretrained_path=<folder or repo id>")
     return train
 
 

@@ -353,7 +353,8 @@ class _Saver:
 
         metrics = {**result.last_metrics, **result.evals.get(result.step, {})}
         card = hub.model_card(self.cfg.hub.repo_id, policy_type=self.cfg.policy.type,
-                              dataset_repo_id=self.cfg.dataset.repo_id, steps=result.step, metrics=metrics)
+                              dataset_repo_id=self.cfg.dataset.repo_id, steps=result.step, metrics=metrics,
+                              adapter=self.cfg.peft.method != "none")
         self.pusher.push_final(self.last / checkpoint.PRETRAINED, card, step=result.step)
 
     def close(self) -> list[str]:

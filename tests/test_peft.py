@@ -112,6 +112,9 @@ def test_an_adapter_folder_as_pretrained_path_continues_training_that_adapter(mo
 
 BAD_PEFT = {
     "peft on a policy trained from scratch": (["peft=lora"], "policy.pretrained_path"),
+    # Refused before ACT would fetch its ImageNet backbone, or SmolVLA its VLM's tokenizer.
+    "peft on act from scratch": (["policy=act", "peft=lora"], "peft=lora adapts a pretrained policy"),
+    "peft on smolvla from scratch": (["policy=smolvla", "peft=lora"], "peft=lora adapts a pretrained policy"),
     "unknown peft method": (["peft.method=dora"], "peft.method must be"),
     "target modules matching nothing": (["peft=lora", "peft.target_modules=[no_such_layer]", "PRETRAINED"],
                                         "matches no module"),
@@ -125,7 +128,7 @@ BAD_PEFT = {
 def test_bad_peft_input_is_one_line(cli, base_run, tmp_path, case):
     overrides, expected = BAD_PEFT[case]
     overrides = [f"policy.pretrained_path={base_run}" if o == "PRETRAINED" else o for o in overrides]
-    if "policy=act" not in overrides:
+    if not any(o.startswith("policy=") for o in overrides):
         overrides = ["policy.hidden_dim=32", *overrides]
     done = cli.run(*TINY, "steps=3", *overrides, f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_line_error(done, expected)
@@ -142,6 +145,9 @@ def test_a_peft_run_pushes_the_adapter_not_the_base_weights(module_cli, hub, bas
     files = hub.run_json(f"from huggingface_hub import HfApi; import json; print(json.dumps(HfApi().list_repo_files({repo!r})))")
     assert "adapter_model.safetensors" in files and "config.json" in files
     assert not any(f.endswith("model.safetensors") and "adapter" not in f for f in files)
+    card = hub.run_json(f"from huggingface_hub import hf_hub_download; import json; "
+                        f"print(json.dumps(open(hf_hub_download({repo!r}, 'README.md')).read()))")
+    assert "adapter_model.safetensors" in card and "model.safetensors" not in card.replace("adapter_model.safetensors", "")
 
 
 TINY_POLICIES = {
