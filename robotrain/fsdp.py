@@ -1,7 +1,7 @@
 """FSDP2: parameters, gradients and optimizer state sharded across processes.
 
 robotrain applies `torch.distributed.fsdp.fully_shard` itself rather than through
-accelerate, whose CPU path silently falls back to DDP (see shared notes): every leaf module
+accelerate, which on CPU silently drops its FSDP plugin and runs DDP: every leaf module
 with parameters becomes its own FSDP unit, then the policy as a whole. Parameters are then
 DTensors sharded on dim 0 over a 1-D device mesh (CPU: gloo; GPU: NCCL).
 

@@ -1,7 +1,7 @@
 """What every policy shares: its config, normalization, action queueing and the
 LeRobot `pretrained_model/` folder.
 
-A policy folder is exactly what LeRobot writes (see DESIGN.md, "Checkpoints"):
+A policy folder is exactly what LeRobot writes (README.md, "Checkpoints", shows the whole checkpoint):
 
     config.json                     the policy config, `"type"` first (LeRobot's draccus form)
     model.safetensors               `state_dict()`, nothing else (no normalization stats)

