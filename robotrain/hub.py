@@ -47,7 +47,6 @@ revision or step, a repo without checkpoints, a refused token) raises a one-line
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -729,15 +728,6 @@ def _fmt(value) -> str:
 # -- finding and downloading ------------------------------------------------------------------
 
 
-def latest_checkpoint(repo_id: str, revision: str | None = None) -> HubCheckpoint:
-    """The largest all-digit folder under `checkpoints/` at `revision` (a branch, tag or sha;
-    None: main), and that revision's commit sha."""
-    check_repo_id(repo_id)
-    with hub_errors(repo_id, revision):
-        api = HfApi()
-        return _latest_at(api, repo_id, api.repo_info(repo_id, revision=revision).sha, revision)
-
-
 def resolve_checkpoint(repo_id: str, revision: str | None = None) -> HubCheckpoint:
     """The checkpoint a revision names: a step (`10`, `000010`) is that step's checkpoint; a tag,
     branch or sha (or None: main) is the latest checkpoint at that revision."""
@@ -767,29 +757,6 @@ def download_checkpoint(repo_id: str, revision: str | None, dest: Path) -> Path:
         )
     log.info("downloaded checkpoint %s of %s (commit %s) to %s", found.name, repo_id, found.sha[:8], folder)
     return folder
-
-
-def load_train_config(repo_id: str, revision: str | None = None) -> dict:
-    """The run's train_config.json: the checkpoint's own for a step revision; otherwise the repo
-    root's, or, when the root has none (a run that stopped before its final push), the latest
-    checkpoint's `checkpoints/<n>/pretrained_model/train_config.json`."""
-    from robotrain.checkpoint import PRETRAINED
-
-    check_repo_id(repo_id)
-    with hub_errors(repo_id, revision):
-        api = HfApi()
-        sha, found = _resolve(api, repo_id, revision)
-        if found is None:
-            try:
-                return _read_json(hf_hub_download(repo_id, "train_config.json", revision=sha))
-            except EntryNotFoundError:
-                found = _latest_at(api, repo_id, sha, revision)
-                log.info("%s has no train_config.json at its root; using checkpoint %s's", repo_id, found.name)
-        path = f"{CHECKPOINTS}/{found.name}/{PRETRAINED}/train_config.json"
-        try:
-            return _read_json(hf_hub_download(repo_id, path, revision=found.sha))
-        except EntryNotFoundError:
-            raise UserError(f"{repo_id} has no {path}: that checkpoint is incomplete; pick another step") from None
 
 
 def download_pretrained(repo_id: str, revision: str | None = None) -> Path:
@@ -874,15 +841,8 @@ def _step_names(api: HfApi, repo_id: str, sha: str) -> list[str]:
     return sorted((n for n in names if n.isdigit()), key=int)
 
 
-def _read_json(path: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); the run on the Hub is damaged") from None
-
-
 __all__ = [
     "CHECKPOINTS", "FINAL", "CheckpointPusher", "HubCheckpoint", "check_repo_id", "download_checkpoint",
-    "download_pretrained", "ensure_repo", "hub_errors", "latest_checkpoint", "load_train_config", "model_card",
+    "download_pretrained", "ensure_repo", "hub_errors", "model_card",
     "resolve_checkpoint",
 ]

@@ -453,8 +453,8 @@ def test_the_token_never_appears_in_logs_or_the_model_card(hub, hub_repo, tmp_pa
 # -- finding and downloading --------------------------------------------------------------------------------
 
 
-def test_latest_checkpoint_is_the_largest_step_number(hub, pushed):
-    seen, _ = run(hub, pushed["repo"], "out([rhub.latest_checkpoint(REPO), rhub.latest_checkpoint(REPO, 'v1')])")
+def test_the_latest_checkpoint_is_the_largest_step_number(hub, pushed):
+    seen, _ = run(hub, pushed["repo"], "out([rhub.resolve_checkpoint(REPO), rhub.resolve_checkpoint(REPO, 'v1')])")
     # "0000100" sorts before "000020" as text; `notes` is not a step.
     assert seen == [["0000100", pushed["head"]], ["000020", pushed["tags"]["000020"]]]
 
@@ -489,11 +489,6 @@ def test_download_checkpoint_fetches_only_that_checkpoints_safetensors_and_json(
     assert local_files(tmp_path / "checkpoints" / "000020") == [w.split("/", 2)[2] for w in wanted]
 
 
-def test_load_train_config_falls_back_to_the_latest_checkpoint_when_the_root_has_none(hub, pushed):
-    seen, _ = run(hub, pushed["repo"], "out([rhub.load_train_config(REPO), rhub.load_train_config(REPO, '10')])")
-    assert [config["saved_at"] for config in seen] == [100, 10]
-
-
 @pytest.fixture(scope="module")
 def finished(hub, tmp_path_factory):
     """A run that pushed checkpoint 10 and then its final model (saved at step 30) to the root."""
@@ -508,11 +503,6 @@ def finished(hub, tmp_path_factory):
         out(None)
     """, ckpt, final)
     return repo
-
-
-def test_load_train_config_reads_the_root_after_a_final_push(hub, finished):
-    seen, _ = run(hub, finished, "out(rhub.load_train_config(REPO))")
-    assert (seen["saved_at"], seen["marker"]) == (30, "final")
 
 
 def test_download_pretrained_is_the_root_model_or_a_steps_pretrained_model(hub, finished):
@@ -574,7 +564,7 @@ def test_a_missing_step_or_revision_is_a_user_error(hub, pushed):
 def test_a_repo_without_checkpoints_is_a_user_error(hub, hub_repo):
     seen, _ = run(hub, hub_repo, """
         rhub.ensure_repo(REPO)
-        out([user_error(lambda: rhub.resolve_checkpoint(REPO)), user_error(lambda: rhub.load_train_config(REPO))])
+        out([user_error(lambda: rhub.resolve_checkpoint(REPO)), user_error(lambda: rhub.download_pretrained(REPO))])
     """)
     for message in seen:
         assert_one_line(message, "has no checkpoints")
