@@ -27,7 +27,22 @@ from robotrain.errors import UserError
 #: The dataset the package generates itself (see `robotrain.data.synthetic`).
 SYNTHETIC_REPO_ID = "robotrain/synthetic_reach"
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: One part of a Hub repo id, by huggingface_hub's rules: word characters, '-' and '.', at most
+#: 96, starting and ending with a word character (and no '--' or '..', checked apart).
+_REPO_PART = re.compile(r"\w(?:[\w.-]{0,94}\w)?", re.ASCII)
+
+
+def is_repo_id(repo_id: str) -> bool:
+    """True for a Hub repo id `user/name` (exactly one '/'), the only check robotrain makes of one."""
+    parts = repo_id.split("/")
+    return (len(parts) == 2 and all(_REPO_PART.fullmatch(part) for part in parts)
+            and "--" not in repo_id and ".." not in repo_id)
+
+
+def check_repo_id(repo_id: str, where: str = "repo id") -> None:
+    """One-line UserError naming `where` unless `repo_id` is a Hub repo id."""
+    _require(is_repo_id(repo_id), f"{where} {repo_id!r} is not a Hub repo id: expected 'user/name' "
+                                  "(letters, digits, '-', '_', '.'; no '--' or '..')")
 
 
 def conf_dir() -> Path:
@@ -107,10 +122,7 @@ class DatasetConfig:
                  f"dataset.video_device must be 'cpu' or 'cuda', got {self.video_device!r}")
         if self.repo_id == MISSING:  # the schema itself; parse() reports a missing value
             return
-        _require(
-            bool(_REPO_ID.match(self.repo_id)),
-            f"dataset.repo_id must look like 'user/name', got {self.repo_id!r}",
-        )
+        check_repo_id(self.repo_id, "dataset.repo_id")
 
 
 @dataclass
@@ -452,10 +464,8 @@ class HubConfig:
     """At exit, wait at most this long for uploads still in flight."""
 
     def __post_init__(self) -> None:
-        _require(
-            self.repo_id is None or bool(_REPO_ID.match(self.repo_id)),
-            f"hub.repo_id must look like 'user/name', got {self.repo_id!r}",
-        )
+        if self.repo_id is not None:
+            check_repo_id(self.repo_id, "hub.repo_id")
         _require(
             not self.push_checkpoints or self.repo_id is not None,
             "hub.push_checkpoints=true needs a repo: add hub.repo_id=<user/name>",

@@ -80,9 +80,9 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from huggingface_hub.hf_api import RepoFile, RepoFolder
-from huggingface_hub.utils import validate_repo_id
 
 from robotrain import preemption
+from robotrain.config import check_repo_id
 from robotrain.errors import UserError
 
 # robotrain.checkpoint (PRETRAINED, is_complete…) imports torch; it is imported where it is used
@@ -131,20 +131,6 @@ def ensure_repo(repo_id: str, *, private: bool = False) -> str:
     with hub_errors(repo_id, writing=True):
         url = HfApi().create_repo(repo_id, private=private, exist_ok=True)
     return str(url)
-
-
-def check_repo_id(repo_id: str) -> None:
-    """One-line UserError unless `repo_id` is a well-formed `user/name`."""
-    try:
-        validate_repo_id(repo_id)
-        ok = repo_id.count("/") == 1
-    except HFValidationError:
-        ok = False
-    if not ok:
-        raise UserError(
-            f"{repo_id!r} is not a Hub repo id: expected 'user/name' "
-            "(letters, digits, '-', '_', '.'; no '--' or '..')"
-        )
 
 
 @contextlib.contextmanager

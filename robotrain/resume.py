@@ -21,6 +21,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from robotrain import checkpoint
+from robotrain.config import is_repo_id
 from robotrain.errors import UserError
 
 #: Config keys whose change breaks exact continuation of a run.
@@ -50,7 +51,7 @@ def parse_hub_spec(spec: str) -> HubSpec | None:
     if not spec.startswith("hub:"):
         return None
     match = _HUB_SPEC.match(spec)
-    if not match or not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", match["repo"]):
+    if not match or not is_repo_id(match["repo"]):
         raise UserError(f"bad resume spec {spec!r}: expected resume=hub:user/repo or resume=hub:user/repo@<step|tag|sha>")
     return HubSpec(match["repo"], match["rev"])
 

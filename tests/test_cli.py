@@ -113,3 +113,23 @@ def test_local_lerobot_dataset_trains(cli, tmp_path):
     config = json.loads((tmp_path / "run" / "checkpoints" / "000004" / "pretrained_model" / "config.json").read_text())
     assert config["input_features"]["observation.image"] == {"type": "VISUAL", "shape": [3, 32, 32]}
     assert config["output_features"]["action"] == {"type": "ACTION", "shape": [2]}
+
+
+@pytest.mark.parametrize("repo_id, valid", [("user/name", True), ("lerobot/pusht_v3.0", True), ("user/na--me", False),
+                                            ("user/.name", False), ("user/a/b", False), ("user name/x", False)])
+def test_one_repo_id_rule_for_datasets_hub_repos_and_resume_specs(repo_id, valid):
+    from robotrain.config import parse
+    from robotrain.errors import UserError
+    from robotrain.resume import parse_hub_spec
+
+    def accepted(check) -> bool:
+        try:
+            check()
+            return True
+        except UserError:
+            return False
+
+    base = {"policy": {"type": "mlp"}, "dataset": {"repo_id": "user/data", "root": None}}
+    assert accepted(lambda: parse({**base, "dataset": {"repo_id": repo_id, "root": None}})) == valid
+    assert accepted(lambda: parse({**base, "hub": {"repo_id": repo_id}})) == valid
+    assert accepted(lambda: parse_hub_spec(f"hub:{repo_id}")) == valid
