@@ -180,13 +180,30 @@ def broadcast(accelerator, value: Any) -> Any:
 
 def any_process(accelerator, flag: bool) -> bool:
     """True on every process when `flag` is true on any (e.g. a preemption signal that reached
-    one process a step before the others: they must all stop at the same step)."""
+    one process a step before the others: they must all stop at the same step). Asked every
+    step, so it goes over a CPU (gloo) group: on the GPUs' group it would sync the device."""
     if accelerator.num_processes == 1:
         return flag
     import torch
+    import torch.distributed as dist
 
-    value = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(value, reduction="sum").item() > 0)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, group=_cpu_group())
+    return bool(value.item())
+
+
+_CPU_GROUP = None
+
+
+def _cpu_group():
+    """The world as a gloo group (the default group when it is gloo already); made on first use,
+    which every process reaches at the same point."""
+    import torch.distributed as dist
+
+    global _CPU_GROUP
+    if _CPU_GROUP is None:
+        _CPU_GROUP = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _CPU_GROUP
 
 
 def exit_process(code: int) -> NoReturn:
