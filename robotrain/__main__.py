@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from robotrain import cli_errors, dispatch, distributed
+from robotrain.help import register_resolvers
 from robotrain.dispatch import RemoteRun
 from robotrain.config import conf_dir, parse, register_configs
 from robotrain.errors import UserError
@@ -24,6 +25,7 @@ from robotrain.preemption import EXIT_PREEMPTED
 log = logging.getLogger("robotrain")
 
 register_configs()
+register_resolvers(conf_dir())
 
 _CHATTY_LOGGERS = ("httpx", "httpx2", "httpcore", "urllib3", "filelock", "huggingface_hub")
 

@@ -23,26 +23,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from robotrain.errors import UserError
+from robotrain.repo_id import check_repo_id
 
 #: The dataset the package generates itself (see `robotrain.data.synthetic`).
 SYNTHETIC_REPO_ID = "robotrain/synthetic_reach"
 
-#: One part of a Hub repo id, by huggingface_hub's rules: word characters, '-' and '.', at most
-#: 96, starting and ending with a word character (and no '--' or '..', checked apart).
-_REPO_PART = re.compile(r"\w(?:[\w.-]{0,94}\w)?", re.ASCII)
-
-
-def is_repo_id(repo_id: str) -> bool:
-    """True for a Hub repo id `user/name` (exactly one '/'), the only check robotrain makes of one."""
-    parts = repo_id.split("/")
-    return (len(parts) == 2 and all(_REPO_PART.fullmatch(part) for part in parts)
-            and "--" not in repo_id and ".." not in repo_id)
-
-
-def check_repo_id(repo_id: str, where: str = "repo id") -> None:
-    """One-line UserError naming `where` unless `repo_id` is a Hub repo id."""
-    _require(is_repo_id(repo_id), f"{where} {repo_id!r} is not a Hub repo id: expected 'user/name' "
-                                  "(letters, digits, '-', '_', '.'; no '--' or '..')")
 
 
 def conf_dir() -> Path:
@@ -542,13 +527,11 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Register the schema Hydra composes `conf/config.yaml` against, and the --help resolvers."""
+    """Register the schema Hydra composes `conf/config.yaml` against (the --help text's
+    resolvers are `robotrain.help.register_resolvers`)."""
     from hydra.core.config_store import ConfigStore
 
-    from robotrain.help import register_resolvers
-
     ConfigStore.instance().store(name="robotrain_schema", node=TrainConfig)
-    register_resolvers(conf_dir())
 
 
 def parse(cfg: DictConfig | dict) -> TrainConfig:

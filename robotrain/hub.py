@@ -67,7 +67,6 @@ from huggingface_hub import (
     HfApi,
     constants,
     get_token,
-    hf_hub_download,
     snapshot_download,
 )
 from huggingface_hub.errors import (
@@ -82,7 +81,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
 from robotrain import preemption
-from robotrain.config import check_repo_id
+from robotrain.repo_id import check_repo_id
 from robotrain.errors import UserError
 
 # robotrain.checkpoint (PRETRAINED, is_complete…) imports torch; it is imported where it is used

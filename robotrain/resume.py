@@ -21,7 +21,7 @@ from typing import Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from robotrain import checkpoint
-from robotrain.config import is_repo_id
+from robotrain.repo_id import is_repo_id
 from robotrain.errors import UserError
 
 #: Config keys whose change breaks exact continuation of a run.

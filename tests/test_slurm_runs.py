@@ -66,9 +66,11 @@ def test_sweep_is_one_job_array_with_a_run_dir_per_point(slurm_cli, slurm, tmp_p
 
 def test_sweep_results_come_back_in_order(slurm, tmp_path, robotrain_cache, monkeypatch, hydra_sweep_runner):
     from robotrain.config import conf_dir, register_configs
+    from robotrain.help import register_resolvers
 
     monkeypatch.setenv("ROBOTRAIN_CACHE", str(robotrain_cache))
     register_configs()
+    register_resolvers(conf_dir())
     sweep = hydra_sweep_runner(
         calling_file=None, calling_module="robotrain", task_function=lambda cfg: None, config_path=str(conf_dir()),
         config_name="config", overrides=["job=slurm", *TINY, "steps=3", "eval.enabled=true", "eval.episodes=4",

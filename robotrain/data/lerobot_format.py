@@ -733,7 +733,7 @@ class LeRobotDataset(torch.utils.data.Dataset):
         super().__init__()
         if meta is None:
             if root is None:
-                from robotrain.data import download
+                from robotrain.data.fetch import download
 
                 root = download(repo_id, None)
             meta = load_meta(root, repo_id)

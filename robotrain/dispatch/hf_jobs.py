@@ -17,7 +17,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
 from robotrain.config import JobConfig
-from robotrain.dispatch import Outcome, Point
+from robotrain.dispatch.job import Outcome, Point
 from robotrain.errors import UserError
 
 _FINAL_STAGES = ("COMPLETED", "ERROR", "CANCELED", "DELETED")

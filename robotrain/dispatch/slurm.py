@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from robotrain.config import JobConfig
-from robotrain.dispatch import Outcome, Point, with_resume_auto
+from robotrain.dispatch.job import Outcome, Point, with_resume_auto
 from robotrain.errors import UserError
 
 #: How long `checkpoint` waits for the training child to save after the preemption signal.
