@@ -343,11 +343,11 @@ class DistributedConfig:
     accelerate launch or a multi-task SLURM job, the world comes from the environment instead."""
     strategy: str = "ddp"
     """ddp: each process holds the whole model; fsdp: parameters, gradients and optimizer state are sharded
-    (the choices: robotrain.distributed.STRATEGIES)."""
+    (the choices: robotrain.strategy.STRATEGIES)."""
 
     def __post_init__(self) -> None:
         _require(self.processes >= 1, f"distributed.processes must be >= 1, got {self.processes}")
-        from robotrain.distributed import STRATEGIES
+        from robotrain.strategy import STRATEGIES
 
         _require(self.strategy in STRATEGIES,
                  f"distributed.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")

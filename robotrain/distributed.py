@@ -33,12 +33,6 @@ from robotrain.errors import UserError
 
 _PORT_BASE, _PORT_SPAN = 20000, 20000
 
-#: `distributed.strategy` values: how several processes hold the model.
-STRATEGIES = {
-    "ddp": "each process holds the whole model",
-    "fsdp": "parameters, gradients and optimizer state are sharded over the processes",
-}
-
 
 def first_host(nodelist: str) -> str:
     """The first hostname of a SLURM node list: `node[03-05,7],gpu1` -> `node03`."""

@@ -16,6 +16,7 @@ A PEFT run's pretrained_model/ folder holds `adapter_config.json` + `adapter_mod
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from robotrain.errors import UserError
+
+log = logging.getLogger("robotrain")
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -45,7 +48,16 @@ def _peft_config(cfg, targets, modules_to_save, exclude):
 
 
 def apply(policy: nn.Module, cfg, policy_cfg) -> nn.Module:
-    """Wrap `policy` with an adapter (a `peft.PeftModel`); returns it unchanged for method none."""
+    """Wrap `policy` with an adapter (a `peft.PeftModel`); returns it unchanged for method none.
+    An adapted result (also a policy loaded from an adapter folder) says how much it trains."""
+    model = _adapt(policy, cfg, policy_cfg)
+    if is_adapted(model):
+        log.info("%s adapters: %d of %d parameters trainable", model.peft_config["default"].peft_type.value.lower(),
+                 *trainable_parameters(model))
+    return model
+
+
+def _adapt(policy: nn.Module, cfg, policy_cfg) -> nn.Module:
     if cfg.method == "none":
         return policy
     if not policy_cfg.pretrained_path:
@@ -103,6 +115,25 @@ def save_pretrained(model: nn.Module, directory: Path, state_dict: dict[str, tor
     adapter = get_peft_model_state_dict(model, state_dict=state_dict)
     save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(directory / ADAPTER_WEIGHTS))
     model.peft_config["default"].save_pretrained(str(directory))
+
+
+def pretrained_writer(model: nn.Module):
+    """What writes `model`'s pretrained_model/ folder: `(folder, state_dict=None) -> None`; the
+    adapter files for an adapted model, the policy's own save_pretrained otherwise."""
+    from functools import partial
+
+    return partial(save_pretrained, model) if is_adapted(model) else model.save_pretrained
+
+
+def load_weights(model: nn.Module, directory: Path) -> None:
+    """A checkpoint's pretrained_model/ weights into `model` (resume): the adapter for an
+    adapted model, the whole (consolidated) model otherwise."""
+    if is_adapted(model):
+        load_adapter_weights(model, directory)
+    else:
+        from robotrain.checkpoint import load_model_weights
+
+        load_model_weights(model, directory)
 
 
 def load_adapter_weights(model: nn.Module, directory: Path) -> None:

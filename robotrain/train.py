@@ -29,11 +29,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from robotrain import checkpoint, data, distributed, fsdp, global_batch, peft, policies, tracking
+from robotrain import checkpoint, data, distributed, global_batch, peft, policies, strategy, tracking
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader, to_device
 from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
-from robotrain.errors import UserError
 from robotrain.optim import make_optimizer, make_scheduler
 from robotrain.preemption import PreemptionFlag
 from robotrain.progress import MetricsLog, Progress
@@ -104,7 +103,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     )
 
     # Policy (adapted, resumed, sharded or replicated), optimizer and schedule; then the data position.
-    policy = _build_policy(cfg, accelerator, dataset, resume)
+    parallel = strategy.make(cfg.distributed.strategy)
+    policy = parallel.prepare(_build_policy(cfg, dataset, resume), accelerator)
     optimizer = make_optimizer(policy.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.steps)
     if accelerator.num_processes > 1:
@@ -112,15 +112,15 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     global_batch_size = cfg.batch_size * accelerator.num_processes
     step, position = 0, 0
     if resume is not None:
-        step, position = _restore(cfg, resume, policy, optimizer, scheduler, sampler, accelerator, global_batch_size)
-    if cfg.distributed.strategy != "fsdp":
-        policy, optimizer = accelerator.prepare(policy, optimizer)
+        step, position = _restore(cfg, resume, parallel, policy, optimizer, scheduler, sampler, accelerator,
+                                  global_batch_size)
+    policy, optimizer = parallel.wrap(policy, optimizer, accelerator)
 
     loader = _loader(cfg, accelerator, dataset, sampler, position)
     result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
                        is_main=accelerator.is_main_process)
-    out = _Outputs.open(cfg, run_dir, resume, accelerator, result, step, accelerator.unwrap_model(policy))
-    saver = _Saver(cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, out.tracker,
+    out = _Outputs.open(cfg, run_dir, resume, accelerator, parallel, result, step, accelerator.unwrap_model(policy))
+    saver = _Saver(cfg, run_dir, accelerator, parallel, optimizer, scheduler, sampler, pusher, out.tracker,
                    global_batch_size, start=(step, position))
     if resume is None and cfg.eval.at_start:
         out.evaluator.run(policy, step, label="untrained")
@@ -166,18 +166,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     return result
 
 
-def _build_policy(cfg: TrainConfig, accelerator: Accelerator, dataset, resume: ResumePoint | None):
+def _build_policy(cfg: TrainConfig, dataset, resume: ResumePoint | None):
     """The policy for this run: built (from pretrained weights if asked), adapted (PEFT), with a
-    resumed checkpoint's weights (consolidated, whatever the world size), sharded with FSDP."""
+    resumed checkpoint's weights (consolidated, whatever the world size)."""
     policy = peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats), cfg.peft, cfg.policy)
     if resume is not None:
-        _load_resumed_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
-    if peft.is_adapted(policy):
-        log.info("%s adapters: %d of %d parameters trainable", cfg.peft.method, *peft.trainable_parameters(policy))
-    if cfg.distributed.strategy == "fsdp":
-        fsdp.shard(policy.to(accelerator.device), accelerator.device)
-        log.info("FSDP: %d of %d parameter tensors sharded as DTensors over %d processes",
-                 fsdp.sharded_count(policy), len(list(policy.parameters())), accelerator.num_processes)
+        peft.load_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
     return policy
 
 
@@ -193,12 +187,12 @@ class _Outputs:
     sample_log: "_SampleLog | None"
 
     @classmethod
-    def open(cls, cfg, run_dir, resume, accelerator, result, step, model) -> "_Outputs":
+    def open(cls, cfg, run_dir, resume, accelerator, parallel, result, step, model) -> "_Outputs":
         main = accelerator.is_main_process
         metrics_log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
         progress = Progress(cfg.steps, step, cfg.log_every, enabled=main)
         tracker = tracking.start(cfg, run_dir, resume, model, main)
-        evaluator = _Evaluator(cfg, accelerator, result, metrics_log, progress, tracker, run_dir)
+        evaluator = _Evaluator(cfg, accelerator, parallel, result, metrics_log, progress, tracker, run_dir)
         samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
         return cls(metrics_log, progress, tracker, evaluator, samples)
 
@@ -253,25 +247,12 @@ def _update(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, sched
     return loss, grad_norm
 
 
-def _load_resumed_weights(policy, pretrained_dir: Path) -> None:
-    """A checkpoint's weights: the adapter for a PEFT run, else the whole (consolidated) model."""
-    if peft.is_adapted(policy):
-        peft.load_adapter_weights(policy, pretrained_dir)
-    else:
-        checkpoint.load_model_weights(policy, pretrained_dir)
-
-
-def _restore(cfg, resume: ResumePoint, policy, optimizer, scheduler, sampler, accelerator,
+def _restore(cfg, resume: ResumePoint, parallel, policy, optimizer, scheduler, sampler, accelerator,
              global_batch_size: int) -> tuple[int, int]:
     """Restore optimizer, schedule, RNG and data position (weights are loaded already);
     returns (step, global sample position). A sharded (FSDP) checkpoint's optimizer state is
     resharded onto this world by torch.distributed.checkpoint."""
-    sharded_state = resume.checkpoint_dir / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER
-    sharded = sharded_state.is_dir()
-    if sharded:
-        fsdp.load_sharded(policy, optimizer, sharded_state)
-    elif cfg.distributed.strategy == "fsdp":
-        raise UserError(f"{resume.checkpoint_dir} was saved without FSDP; resume it with distributed.strategy=ddp")
+    sharded = parallel.load_sharded_state(policy, optimizer, resume.checkpoint_dir)
     state = checkpoint.load_training_state(resume.checkpoint_dir, None if sharded else optimizer,
                                            scheduler, rank=accelerator.process_index)
     if not cfg.resume.allow_changes:
@@ -299,14 +280,14 @@ class _Saver:
     """Checkpoints on the main process: save atomically, queue the upload, prune what is
     both old and already pushed."""
 
-    def __init__(self, cfg, run_dir, accelerator, optimizer, scheduler, sampler, pusher, tracker,
+    def __init__(self, cfg, run_dir, accelerator, parallel, optimizer, scheduler, sampler, pusher, tracker,
                  global_batch_size: int, start: tuple[int, int]):
         """`start`: the (step, global sample position) this run started from; a resumed run may
         use another global batch than the one that reached that position."""
         self.cfg, self.checkpoints = cfg, run_dir / "checkpoints"
         self.accelerator, self.optimizer, self.scheduler, self.sampler = accelerator, optimizer, scheduler, sampler
         self.pusher, self.tracker, self.global_batch_size, self.start = pusher, tracker, global_batch_size, start
-        self.sharded = cfg.distributed.strategy == "fsdp"
+        self.parallel = parallel
         self.last: Path | None = None
 
     def save(self, policy, step: int) -> Path | None:
@@ -314,16 +295,8 @@ class _Saver:
 
         rng_states = gather_object([checkpoint.rng_state()])  # every process's, in rank order
         model = self.accelerator.unwrap_model(policy)
-        writer = partial(peft.save_pretrained, model) if peft.is_adapted(model) else model.save_pretrained
-        save_pretrained, optimizer = writer, self.optimizer
-        if self.sharded:  # every process writes its shard, then the main process publishes
-            full = fsdp.full_state_dict(model)
-            staging = checkpoint.staging_path(self.checkpoints, step, self.cfg.steps)
-            if self.accelerator.is_main_process:
-                checkpoint.prepare_staging(staging)
-            self.accelerator.wait_for_everyone()
-            fsdp.save_sharded(model, self.optimizer, staging / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER)
-            save_pretrained, optimizer = partial(writer, state_dict=full), None
+        save_pretrained, optimizer, staged = self.parallel.checkpoint_model(
+            model, self.optimizer, peft.pretrained_writer(model), partial(self._stage, step))
         if not self.accelerator.is_main_process:
             self.accelerator.wait_for_everyone()
             return None
@@ -332,7 +305,7 @@ class _Saver:
         self.sampler.seek(position)
         self.last = checkpoint.save(
             self.checkpoints, step=step, total_steps=self.cfg.steps, save_pretrained=save_pretrained,
-            staged=self.sharded, optimizer=optimizer, scheduler=self.scheduler, train_config=to_dict(self.cfg),
+            staged=staged, optimizer=optimizer, scheduler=self.scheduler, train_config=to_dict(self.cfg),
             training_step={"num_processes": self.accelerator.num_processes, "batch_size": self.cfg.batch_size,
                            "global_batch_size": self.global_batch_size, "sample_position": position},
             sampler_state=self.sampler.state_dict(), fsync=self.cfg.checkpoint.fsync, rng_states=rng_states,
@@ -345,6 +318,14 @@ class _Saver:
         checkpoint.prune(self.checkpoints, self.cfg.checkpoint.keep_last, protect=protect)
         self.accelerator.wait_for_everyone()  # nobody trains on while the checkpoint is written
         return self.last
+
+    def _stage(self, step: int) -> Path:
+        """The step's staging folder, made by the main process, seen by all."""
+        staging = checkpoint.staging_path(self.checkpoints, step, self.cfg.steps)
+        if self.accelerator.is_main_process:
+            checkpoint.prepare_staging(staging)
+        self.accelerator.wait_for_everyone()
+        return staging
 
     def push_final(self, result: RunResult) -> None:
         if self.pusher is None or not self.cfg.hub.push_final or self.last is None:
@@ -411,19 +392,17 @@ class _Evaluator:
     """Runs simulator rollouts when the dataset is the embedded task (main process only), and
     saves the first episodes as `<run_dir>/eval/step_<n>.gif` for a person to watch."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, result: RunResult, metrics_log, progress, tracker, run_dir):
-        self.cfg, self.accelerator, self.result = cfg, accelerator, result
+    def __init__(self, cfg: TrainConfig, accelerator, parallel, result: RunResult, metrics_log, progress, tracker,
+                 run_dir):
+        self.cfg, self.accelerator, self.parallel, self.result = cfg, accelerator, parallel, result
         self.metrics_log, self.progress, self.tracker, self.videos = metrics_log, progress, tracker, run_dir / "eval"
         self.enabled = cfg.eval.enabled and cfg.dataset.is_synthetic
 
     def run(self, policy, step: int, label: str = "") -> None:
         if not self.enabled:
             return
-        model = self.accelerator.unwrap_model(policy)
-        if self.cfg.distributed.strategy == "fsdp":  # every process gathers; the main one evaluates a copy
-            full = fsdp.full_state_dict(model)
-            model = fsdp.unsharded_copy(model, full) if self.accelerator.is_main_process else None
-        if not self.accelerator.is_main_process:
+        model = self.parallel.evaluation_model(self.accelerator.unwrap_model(policy), self.accelerator.is_main_process)
+        if model is None:
             return
         from robotrain.eval import evaluate
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from robotrain import distributed
+from robotrain import strategy
 from tests.conftest import TINY, assert_one_line_error, error_lines, tree_digest
 from tests.test_resume import assert_same_final_state, load_tensors
 
@@ -151,20 +151,20 @@ if os.environ.get("RANK") == "1":
 """
 
 
-@pytest.mark.parametrize("strategy", sorted(distributed.STRATEGIES))
-def test_a_failure_on_one_process_ends_every_process_and_is_reported_once(module_cli, tmp_path, strategy):
+@pytest.mark.parametrize("name", sorted(strategy.STRATEGIES))
+def test_a_failure_on_one_process_ends_every_process_and_is_reported_once(module_cli, tmp_path, name):
     (tmp_path / "inject").mkdir()
     (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
     env = {**module_cli.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")]))}
     # Within the timeout, far below gloo's 30-minute collective timeout: process 0 did not wait.
     done = type(module_cli)(env=env, cwd=tmp_path).run(
-        *TINY, "steps=6", "distributed.processes=2", f"distributed.strategy={strategy}",
+        *TINY, "steps=6", "distributed.processes=2", f"distributed.strategy={name}",
         f"hydra.run.dir={tmp_path / 'run'}", timeout=120)
     assert done.returncode == 1
     assert done.stderr.count("Traceback") == 1, done.stderr
     assert error_lines(done.stderr).count("RuntimeError: injected failure in step 3") == 1, done.stderr
     assert error_lines(done.stderr)[-1] == (f"robotrain: error: process 1 of 2 failed training policy mlp with strategy "
-                                            f"{strategy}: injected failure in step 3")
+                                            f"{name}: injected failure in step 3")
     assert "ChildFailedError" not in done.stderr and "HYDRA_FULL_ERROR" not in done.stderr
 
 

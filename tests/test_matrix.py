@@ -10,7 +10,7 @@ independent of how the global batch is split).
 
 A policy joins the matrix by being registered (`robotrain.policies`) and giving a tiny
 configuration in `tiny_policy_cli`; a strategy by being registered in
-`robotrain.distributed.STRATEGIES`. Nothing else is written per policy or strategy.
+`robotrain.strategy.STRATEGIES`. Nothing else is written per policy or strategy.
 
 Tolerance. The runs differ only in float reduction order (gradients summed across processes
 vs within one batch, norms for clipping summed over shards), so weights agree to ~1e-7 where a
@@ -31,12 +31,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from robotrain import distributed, policies
+from robotrain import policies, strategy
 from tests.conftest import TINY, load_tensors
 from tests.smolvlm_tiny import build_tiny_smolvlm
 
 #: name -> (processes, distributed.strategy): one process, and two under every registered strategy.
-STRATEGIES = {"single": (1, "ddp"), **{name: (2, name) for name in distributed.STRATEGIES}}
+STRATEGIES = {"single": (1, "ddp"), **{name: (2, name) for name in strategy.STRATEGIES}}
 MODES = ("full", "lora")
 #: A sharded checkpoint resumes resharded onto one process (within TOLERANCE); the others on their own world.
 RESUME_ON = {"fsdp": "single"}
