@@ -147,18 +147,14 @@ def test_a_cell_trains_saves_and_resumes(matrix, policy, mode, strategy):
         assert difference <= TOLERANCE, f"{name} differs by {difference}"
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("policy, mode", POLICY_MODES, ids=["-".join(c) for c in POLICY_MODES])
-def test_ddp_trains_what_one_process_trains(matrix, policy, mode):
-    difference, name = largest_difference(trained(matrix.run(policy, mode, "ddp"), mode),
-                                          trained(matrix.run(policy, mode, "single"), mode))
-    assert difference <= TOLERANCE, f"{name} differs by {difference}"
+#: (a strategy, the one it must train like): DDP like one process, and every other like DDP.
+PAIRS = [("ddp", "single"), *((name, "ddp") for name in STRATEGIES if name not in ("single", "ddp"))]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("strategy, reference", PAIRS, ids=[f"{a}-like-{b}" for a, b in PAIRS])
 @pytest.mark.parametrize("policy, mode", POLICY_MODES, ids=["-".join(c) for c in POLICY_MODES])
-def test_fsdp_trains_what_ddp_trains(matrix, policy, mode):
-    difference, name = largest_difference(trained(matrix.run(policy, mode, "fsdp"), mode),
-                                          trained(matrix.run(policy, mode, "ddp"), mode))
+def test_strategies_train_alike(matrix, policy, mode, strategy, reference):
+    difference, name = largest_difference(trained(matrix.run(policy, mode, strategy), mode),
+                                          trained(matrix.run(policy, mode, reference), mode))
     assert difference <= TOLERANCE, f"{name} differs by {difference}"
-
