@@ -554,6 +554,11 @@ def parse(cfg: DictConfig | dict) -> TrainConfig:
     return train
 
 
+def parse_job(values: dict) -> JobConfig:
+    """Validate a composed `job` node alone (a sweep point's, before its run is planned)."""
+    return _typed(JobConfig, values, where="job")
+
+
 def _typed(cls: type, values: dict, where: str) -> Any:
     """Merge plain values into the dataclass schema `cls` and build it (running validation)."""
     try:

@@ -140,12 +140,12 @@ def _job_config(config, idx: int, overrides: list[str]) -> JobConfig:
     from omegaconf import OmegaConf
 
     from robotrain.cli_errors import fail
-    from robotrain.config import _typed
+    from robotrain.config import parse_job
 
     if "job" not in config:
         return JobConfig()
     try:
-        return _typed(JobConfig, OmegaConf.to_container(config.job, resolve=True), where="job")
+        return parse_job(OmegaConf.to_container(config.job, resolve=True))
     except UserError as err:
         fail(f"sweep point #{idx} ({' '.join(overrides)}): {err}")
 
