@@ -683,14 +683,14 @@ This `{policy_type}` policy was trained with robotrain for {steps} steps on the 
 ## Use it
 
 ```python
-from robotrain import hub, policies
+from robotrain import pretrained
 
-policy = policies.from_pretrained(hub.download_pretrained("{repo_id}"))
+policy = pretrained.load("{repo_id}")
 policy.reset()
 action = policy.select_action(observation)  # observation: dict of batched tensors
 ```
 
-`hub.download_pretrained("{repo_id}", revision="10")` loads the checkpoint of step 10 instead (a step, tag,
+`pretrained.load("{repo_id}", revision="10")` loads the checkpoint of step 10 instead (a step, tag,
 branch or commit sha).
 
 ## Resume or extend training

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from robotrain import checkpoint, data, distributed, global_batch, peft, policies, strategy, tracking
+from robotrain import checkpoint, data, distributed, global_batch, peft, policies, pretrained, strategy, tracking
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader, to_device
 from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
@@ -169,7 +169,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
 def _build_policy(cfg: TrainConfig, dataset, resume: ResumePoint | None):
     """The policy for this run: built (from pretrained weights if asked), adapted (PEFT), with a
     resumed checkpoint's weights (consolidated, whatever the world size)."""
-    policy = peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats), cfg.peft, cfg.policy)
+    folders = pretrained.local_folders(cfg.policy.pretrained_path, cfg.policy.pretrained_revision) \
+        if cfg.policy.pretrained_path else []
+    policy = peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats, folders),
+                        cfg.peft, cfg.policy)
     if resume is not None:
         peft.load_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
     return policy

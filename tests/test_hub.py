@@ -394,7 +394,7 @@ def test_model_card_names_policy_dataset_steps_metrics_and_how_to_load_and_resum
     assert card.startswith("---\n") and "- act\n" in card and "- lerobot/pusht\n" in card
     assert "5000 steps" in card and "| loss | 0.01235 |" in card and "| success_rate | 0.75 |" in card
     assert "python -m robotrain resume=hub:user/reach" in card
-    assert 'policies.from_pretrained(hub.download_pretrained("user/reach"))' in card
+    assert 'policy = pretrained.load("user/reach")' in card
 
 
 def test_push_final_puts_the_model_files_and_card_at_the_root(hub, hub_repo, tmp_path):

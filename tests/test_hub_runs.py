@@ -110,8 +110,8 @@ def test_pretrained_revision_loads_that_tagged_checkpoint(hub, pushed):
     same = hub.run_json(f"""
         import json, torch
         from safetensors.torch import load_file
-        from robotrain import policies
-        path = policies.resolve_pretrained({repo!r}, "10")
+        from robotrain import pretrained
+        path = pretrained.local_folders({repo!r}, "10")[0]
         ours = load_file(str(path / "model.safetensors"))
         local = load_file({str(run_dir / "checkpoints" / "000010" / "pretrained_model" / "model.safetensors")!r})
         print(json.dumps(all(torch.equal(ours[k], local[k]) for k in local)))
@@ -155,7 +155,7 @@ def test_token_is_never_written_to_the_run_or_the_repo(hub_cli, hub, pushed):
 
 
 BAD_HUB_INPUTS = {
-    "malformed repo id": (["hub.repo_id=not a repo"], "hub.repo_id must look like"),
+    "malformed repo id": (["hub.repo_id=not a repo"], "hub.repo_id 'not a repo' is not a Hub repo id"),
     "repo not found": (["resume=hub:user/no-such-repo"], "not found"),
     "step not found": (["resume=hub:user/pushed-e2e@999"], "999"),
 }

@@ -89,3 +89,10 @@ def test_the_check_sees_a_cycle_through_an_import_inside_a_function():
     a = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(a) == [["a", "b", "c"]]
     assert "robotrain.data.lerobot_format" in import_graph()["robotrain.data"]  # inside a function there
+
+
+def test_policies_build_and_load_from_local_folders_only():
+    """Downloading a pretrained policy is robotrain.pretrained's job (through robotrain.hub)."""
+    graph = import_graph()
+    assert not {m: graph[m] & {"robotrain.hub", "robotrain.pretrained"}
+                for m in graph if m.startswith("robotrain.policies") and graph[m] & {"robotrain.hub", "robotrain.pretrained"}}

@@ -10,7 +10,7 @@ import dataclasses
 import importlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from robotrain.checkpoint import load_model_weights
 from robotrain.errors import UserError
@@ -52,15 +52,19 @@ def with_dataset_features(config: PolicyConfig, meta_features: dict[str, dict]) 
                                output_features=config.output_features or outputs)
 
 
-def make(config: PolicyConfig, meta_features: dict[str, dict], stats: dict[str, dict[str, Any]]) -> Policy:
-    """A fresh policy for a dataset; features left unset in the config are inferred from it."""
+def make(config: PolicyConfig, meta_features: dict[str, dict], stats: dict[str, dict[str, Any]],
+         pretrained: Sequence[Path] = ()) -> Policy:
+    """A policy for a dataset; features left unset in the config are inferred from it.
+    `pretrained`: the local folders of `config.pretrained_path` (`robotrain.pretrained.local_folders`:
+    the folder, then the base of each adapter folder), whose weights it starts from."""
     config = with_dataset_features(config, meta_features)
     _check_features_in_dataset(config, meta_features)
-    folder = resolve_pretrained(config.pretrained_path, config.pretrained_revision) if config.pretrained_path else None
-    if folder is not None:
-        _check_type(folder, config.type)  # before building: a policy may fetch backbone weights
+    if config.pretrained_path and not pretrained:
+        raise ValueError("policy.pretrained_path is set: pass its local folders (robotrain.pretrained.local_folders)")
+    if pretrained:
+        _check_type(pretrained[0], config.type)  # before building: a policy may fetch backbone weights
     policy = policy_class(config.type)(config, stats_to_tensors(stats))
-    return _load_weights(policy, folder, trainable=True) if folder is not None else policy
+    return _load_weights(policy, list(pretrained), trainable=True) if pretrained else policy
 
 
 def _check_type(folder: Path, policy_type: str) -> None:
@@ -70,42 +74,44 @@ def _check_type(folder: Path, policy_type: str) -> None:
         raise UserError(f"{folder} holds a {saved_type} policy, not {policy_type}: use policy={saved_type}")
 
 
-def _load_weights(policy: Policy, folder: Path, trainable: bool):
-    """Weights of a pretrained_model/ folder into `policy`; an adapter folder loads its base
-    model first and returns the policy wrapped with the adapter (a peft.PeftModel)."""
+def _load_weights(policy: Policy, folders: list[Path], trainable: bool):
+    """Weights of pretrained_model/ folders into `policy`: an adapter folder (first) loads its
+    base (next) first and returns the policy wrapped with the adapter (a peft.PeftModel)."""
     from robotrain import peft
 
+    folder = folders[0]
     _check_type(folder, policy.config.type)
     if not (folder / peft.ADAPTER_CONFIG).is_file():
         load_model_weights(policy, folder)
         return policy
-    base, revision = peft.adapter_base(folder)
-    _load_weights(policy, resolve_pretrained(base, revision), trainable=False)
+    if len(folders) == 1:
+        base, _ = peft.adapter_base(folder)
+        raise UserError(f"{folder} holds an adapter whose base {base} is not a local folder: load it with "
+                        "robotrain.pretrained.load(<folder>), which downloads the base")
+    _load_weights(policy, folders[1:], trainable=False)
     return peft.load_adapter(policy, folder, trainable)
 
 
-def resolve_pretrained(path: str, revision: str | None = None) -> Path:
-    """A local pretrained_model/ folder for `policy.pretrained_path`: a local folder (a
-    pretrained_model/ folder, a checkpoint, or a run dir: its latest checkpoint), or a Hub
-    repo id whose `revision` (step, tag, branch or sha) is downloaded."""
+def local_pretrained_folder(path: str | Path) -> Path | None:
+    """The pretrained_model/ folder a local path holds: itself, a checkpoint's, or a run dir's
+    latest checkpoint's; None when `path` is not on this disk (a Hub repo id, see
+    `robotrain.pretrained`, which downloads). Nothing here fetches."""
     from robotrain import checkpoint
 
     local = Path(path).expanduser()
-    if local.exists():
-        if (local / "config.json").is_file() and ((local / "model.safetensors").is_file()
-                                                  or (local / "adapter_config.json").is_file()):
-            return local
-        if (local / checkpoint.PRETRAINED).is_dir():
-            return local / checkpoint.PRETRAINED
-        latest = checkpoint.latest(local / "checkpoints")
-        if latest is None:
-            raise UserError(f"policy.pretrained_path={path} holds no pretrained_model/ or checkpoints/")
-        return latest / checkpoint.PRETRAINED
-    if path.startswith(("/", ".", "~")):
-        raise UserError(f"policy.pretrained_path={path} does not exist")
-    from robotrain import hub
-
-    return hub.download_pretrained(path, revision)
+    if not local.exists():
+        if str(path).startswith(("/", ".", "~")):
+            raise UserError(f"policy.pretrained_path={path} does not exist")
+        return None
+    if (local / "config.json").is_file() and ((local / "model.safetensors").is_file()
+                                              or (local / "adapter_config.json").is_file()):
+        return local
+    if (local / checkpoint.PRETRAINED).is_dir():
+        return local / checkpoint.PRETRAINED
+    latest = checkpoint.latest(local / "checkpoints")
+    if latest is None:
+        raise UserError(f"policy.pretrained_path={path} holds no pretrained_model/ or checkpoints/")
+    return latest / checkpoint.PRETRAINED
 
 
 def _check_features_in_dataset(config: PolicyConfig, meta_features: dict[str, dict]) -> None:
@@ -125,12 +131,22 @@ def load_config(directory: Path) -> PolicyConfig:
     return cls(**{k: v for k, v in raw.items() if k in names})
 
 
-def from_pretrained(directory: str | Path) -> Policy:
-    """Load a LeRobot-layout pretrained_model/ folder (local) strictly."""
+def from_pretrained(directory: str | Path, bases: Sequence[Path] | None = None) -> Policy:
+    """Load a LeRobot-layout pretrained_model/ folder (local) strictly. An adapter folder needs its
+    base's folder: `bases` (from `robotrain.pretrained.local_folders`), else the local path its
+    adapter_config.json names."""
+    from robotrain import peft
+
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} is not a pretrained policy folder (no config.json)")
+    folders = [directory, *(bases or [])]
+    while bases is None and (folders[-1] / peft.ADAPTER_CONFIG).is_file():
+        base = local_pretrained_folder(peft.adapter_base(folders[-1])[0])
+        if base is None:
+            break  # _load_weights says what to do
+        folders.append(base)
     config = load_config(directory)
     policy = policy_class(config.type)(config, read_processor_stats(directory))
-    return _load_weights(policy, directory, trainable=False)
+    return _load_weights(policy, folders, trainable=False)
 
