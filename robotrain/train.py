@@ -88,19 +88,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     if accelerator.is_main_process:
         tracking.check_installed(cfg.tracker)  # a missing tracker package: fail now too
 
-    # Data: the main process generates or checks the dataset once; the others wait, then read it.
-    with accelerator.main_process_first():
-        root = data.prepare(cfg.dataset)
-    meta = data.load_meta(root, cfg.dataset.repo_id)
-    # What each sample holds (action chunk, observation history), as the policy will see the dataset.
-    delta_timestamps = policies.with_dataset_features(cfg.policy, meta.features).delta_timestamps(meta.fps)
-    dataset = data.open_dataset(cfg.dataset, meta, delta_timestamps, device=accelerator.device)
-    sampler = EpisodeAwareSampler(
-        *dataset.episode_bounds, seed=cfg.seed, shuffle=cfg.sampler.shuffle,
-        permutation=cfg.sampler.permutation, drop_n_first_frames=cfg.sampler.drop_n_first_frames,
-        # A policy may ask for more (LeRobot's Diffusion: its action horizon reaches past the end).
-        drop_n_last_frames=max(cfg.sampler.drop_n_last_frames, getattr(cfg.policy, "drop_n_last_frames", 0)),
-    )
+    dataset, sampler = _open_data(cfg, accelerator)
 
     # Policy (adapted, resumed, sharded or replicated), optimizer and schedule; then the data position.
     parallel = strategy.make(cfg.distributed.strategy)
@@ -119,39 +107,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     loader = _loader(cfg, accelerator, dataset, sampler, position)
     result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
                        is_main=accelerator.is_main_process)
-    out = _Outputs.open(cfg, run_dir, resume, accelerator, parallel, result, step, accelerator.unwrap_model(policy))
+    out = _Outputs.open(cfg, run_dir, resume, accelerator, parallel, result, step, accelerator.unwrap_model(policy),
+                        global_batch_size)
     saver = _Saver(cfg, run_dir, accelerator, parallel, optimizer, scheduler, sampler, pusher, out.tracker,
                    global_batch_size, start=(step, position))
     if resume is None and cfg.eval.at_start:
         out.evaluator.run(policy, step, label="untrained")
 
-    stream, window = batches(loader, cfg.prefetch), _Window()
+    stream = batches(loader, cfg.prefetch)
     try:
-        with PreemptionFlag() as preemption:
-            while step < cfg.steps:
-                t0 = time.perf_counter()
-                batch = next(stream)
-                t1 = time.perf_counter()
-                loss, grad_norm = _update(cfg, accelerator, policy, optimizer, scheduler, batch, step)
-                step += 1
-                out.samples(step, batch["index"])
-                window.add(loss, grad_norm, t1 - t0, time.perf_counter() - t0)
-
-                metrics = None
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    metrics = result.last_metrics = window.flush(scheduler.get_last_lr()[0], global_batch_size)
-                    out.log(step, metrics)
-                out.progress.update(step, metrics)
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-                    out.evaluator.run(policy, step)
-                # Every process must stop at the same step, whichever the signal reached first.
-                stop = distributed.any_process(accelerator, preemption.requested)
-                if _checkpoint_due(cfg, step) or stop:
-                    result.last_checkpoint = saver.save(policy, step)
-                if stop:
-                    result.preempted_by = preemption.signal_name or "a preemption signal to another process"
-                    break
-        result.step = step
+        step = result.step = _steps(cfg, accelerator, policy, optimizer, scheduler, stream, out, saver, step)
         if result.preempted_by is None:
             out.evaluator.run(policy, step, label="trained")
             saver.push_final(result)
@@ -164,6 +129,50 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     if accelerator.is_main_process:
         (run_dir / "result.json").write_text(json.dumps(result.summary(), indent=2))
     return result
+
+
+def _steps(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, scheduler, stream, out: "_Outputs",
+           saver: "_Saver", step: int) -> int:
+    """Optimizer steps from `step` to `cfg.steps`, or to a preemption (saved, and noted in the
+    run's result); returns the step reached."""
+    result = out.result
+    with PreemptionFlag() as preemption:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = next(stream)
+            t1 = time.perf_counter()
+            loss, grad_norm = _update(cfg, accelerator, policy, optimizer, scheduler, batch, step)
+            step += 1
+            out.samples(step, batch["index"])
+            out.window.add(loss, grad_norm, t1 - t0, time.perf_counter() - t0)
+            out.report(step, scheduler.get_last_lr()[0])
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+                out.evaluator.run(policy, step)
+            # Every process must stop at the same step, whichever the signal reached first.
+            stop = distributed.any_process(accelerator, preemption.requested)
+            if _checkpoint_due(cfg, step) or stop:
+                result.last_checkpoint = saver.save(policy, step)
+            if stop:
+                result.preempted_by = preemption.signal_name or "a preemption signal to another process"
+                break
+    return step
+
+
+def _open_data(cfg: TrainConfig, accelerator: Accelerator):
+    """(dataset, sampler): the main process generates or checks the dataset once, the others
+    wait, then every process reads it as the policy will see it (action chunk, history)."""
+    with accelerator.main_process_first():
+        root = data.prepare(cfg.dataset)
+    meta = data.load_meta(root, cfg.dataset.repo_id)
+    delta_timestamps = policies.with_dataset_features(cfg.policy, meta.features).delta_timestamps(meta.fps)
+    dataset = data.open_dataset(cfg.dataset, meta, delta_timestamps, device=accelerator.device)
+    sampler = EpisodeAwareSampler(
+        *dataset.episode_bounds, seed=cfg.seed, shuffle=cfg.sampler.shuffle,
+        permutation=cfg.sampler.permutation, drop_n_first_frames=cfg.sampler.drop_n_first_frames,
+        # A policy may ask for more (LeRobot's Diffusion: its action horizon reaches past the end).
+        drop_n_last_frames=max(cfg.sampler.drop_n_last_frames, getattr(cfg.policy, "drop_n_last_frames", 0)),
+    )
+    return dataset, sampler
 
 
 def _build_policy(cfg: TrainConfig, dataset, resume: ResumePoint | None):
@@ -183,25 +192,34 @@ class _Outputs:
     """Where a run reports: metrics.jsonl, the progress bar or log lines, the tracker, the
     sample log, and simulator evaluations (most of it on the main process only)."""
 
+    cfg: TrainConfig
+    result: RunResult
+    global_batch_size: int
     metrics_log: MetricsLog
     progress: Progress
     tracker: Any
     evaluator: "_Evaluator"
     sample_log: "_SampleLog | None"
+    window: "_Window" = field(default_factory=lambda: _Window())
 
     @classmethod
-    def open(cls, cfg, run_dir, resume, accelerator, parallel, result, step, model) -> "_Outputs":
+    def open(cls, cfg, run_dir, resume, accelerator, parallel, result, step, model, global_batch_size) -> "_Outputs":
         main = accelerator.is_main_process
         metrics_log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
         progress = Progress(cfg.steps, step, cfg.log_every, enabled=main)
         tracker = tracking.start(cfg, run_dir, resume, model, main)
         evaluator = _Evaluator(cfg, accelerator, parallel, result, metrics_log, progress, tracker, run_dir)
         samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
-        return cls(metrics_log, progress, tracker, evaluator, samples)
+        return cls(cfg, result, global_batch_size, metrics_log, progress, tracker, evaluator, samples)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.metrics_log.write(step, metrics)
-        self.tracker.log(step, metrics)
+    def report(self, step: int, lr: float) -> None:
+        """After each step: the progress bar, and every `log_every` steps the window's metrics."""
+        metrics = None
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            metrics = self.result.last_metrics = self.window.flush(lr, self.global_batch_size)
+            self.metrics_log.write(step, metrics)
+            self.tracker.log(step, metrics)
+        self.progress.update(step, metrics)
 
     def samples(self, step: int, indices: torch.Tensor) -> None:
         if self.sample_log is not None:
