@@ -8,21 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from robotrain.errors import UserError
-
-_MAX_ADAPTER_DEPTH = 8  # an adapter whose base is an adapter... ; more means a loop
-
 
 def local_folders(path: str, revision: str | None = None) -> list[Path]:
     """The pretrained_model/ folder `path` names, then, while the last is an adapter folder, its base's."""
-    from robotrain import peft
+    from robotrain import policies
 
-    folders = [_local(path, revision)]
-    while (folders[-1] / peft.ADAPTER_CONFIG).is_file():
-        if len(folders) > _MAX_ADAPTER_DEPTH:
-            raise UserError(f"{folders[0]}: adapter bases nest deeper than {_MAX_ADAPTER_DEPTH} (a loop?)")
-        folders.append(_local(*peft.adapter_base(folders[-1])))
-    return folders
+    return policies.adapter_chain(_local(path, revision), _local)
 
 
 def load(path: str, revision: str | None = None):

@@ -38,12 +38,13 @@ class Strategy:
     def load_sharded_state(self, policy, optimizer, checkpoint_dir: Path) -> bool:
         """Load the checkpoint's sharded model and optimizer state (FSDP's `training_state/dcp/`,
         resharded onto this world) if it has one; returns whether it had. Every process calls it."""
-        from robotrain import checkpoint, fsdp
+        from robotrain import fsdp
 
-        folder = Path(checkpoint_dir) / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER
-        if folder.is_dir():
-            fsdp.load_sharded(policy, optimizer, folder)
-        return folder.is_dir()
+        folder = _sharded_state(checkpoint_dir)
+        if not folder.is_dir():
+            return False
+        fsdp.load_sharded(policy, optimizer, folder)
+        return True
 
     def checkpoint_model(self, model, optimizer, writer: Writer, stage: Callable[[], Path]):
         """What the main process writes for the model: (pretrained_model writer, the optimizer to
@@ -92,9 +93,7 @@ class Sharded(Strategy):
         return policy, optimizer  # sharded already; accelerate would wrap it in DDP
 
     def load_sharded_state(self, policy, optimizer, checkpoint_dir: Path) -> bool:
-        from robotrain import checkpoint, fsdp
-
-        if not (Path(checkpoint_dir) / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER).is_dir():
+        if not _sharded_state(checkpoint_dir).is_dir():
             raise UserError(f"{checkpoint_dir} was saved without FSDP; resume it with distributed.strategy=ddp")
         return super().load_sharded_state(policy, optimizer, checkpoint_dir)
 
@@ -113,6 +112,13 @@ class Sharded(Strategy):
 
         full = fsdp.full_state_dict(model)  # every process gathers; the main one evaluates a copy
         return fsdp.unsharded_copy(model, full) if is_main else None
+
+
+def _sharded_state(checkpoint_dir: Path) -> Path:
+    """Where a checkpoint keeps FSDP's sharded model and optimizer state."""
+    from robotrain import checkpoint, fsdp
+
+    return Path(checkpoint_dir) / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER
 
 
 #: `distributed.strategy` values.

@@ -10,7 +10,7 @@ import dataclasses
 import importlib
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from robotrain.checkpoint import load_model_weights
 from robotrain.errors import UserError
@@ -21,6 +21,8 @@ from robotrain.policies.base import (
     read_processor_stats,
     stats_to_tensors,
 )
+
+_MAX_ADAPTER_DEPTH = 8  # an adapter whose base is an adapter... ; more means a loop
 
 _REGISTRY: dict[str, str] = {
     "act": "robotrain.policies.act:ACTPolicy",
@@ -114,6 +116,23 @@ def local_pretrained_folder(path: str | Path) -> Path | None:
     return latest / checkpoint.PRETRAINED
 
 
+def adapter_chain(folder: Path, resolve: Callable[[str, str | None], Path | None]) -> list[Path]:
+    """`folder`, then, while the last is an adapter folder, its base's folder as
+    `resolve(path, revision)` finds it; a base it cannot find (None) ends the chain there, and
+    loading says what to do."""
+    from robotrain import peft
+
+    folders = [folder]
+    while (folders[-1] / peft.ADAPTER_CONFIG).is_file():
+        if len(folders) > _MAX_ADAPTER_DEPTH:
+            raise UserError(f"{folder}: adapter bases nest deeper than {_MAX_ADAPTER_DEPTH} (a loop?)")
+        base = resolve(*peft.adapter_base(folders[-1]))
+        if base is None:
+            break
+        folders.append(base)
+    return folders
+
+
 def _check_features_in_dataset(config: PolicyConfig, meta_features: dict[str, dict]) -> None:
     for key in [*config.input_features, *config.output_features]:
         if key not in meta_features:
@@ -135,17 +154,11 @@ def from_pretrained(directory: str | Path, bases: Sequence[Path] | None = None) 
     """Load a LeRobot-layout pretrained_model/ folder (local) strictly. An adapter folder needs its
     base's folder: `bases` (from `robotrain.pretrained.local_folders`), else the local path its
     adapter_config.json names."""
-    from robotrain import peft
-
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory} is not a pretrained policy folder (no config.json)")
-    folders = [directory, *(bases or [])]
-    while bases is None and (folders[-1] / peft.ADAPTER_CONFIG).is_file():
-        base = local_pretrained_folder(peft.adapter_base(folders[-1])[0])
-        if base is None:
-            break  # _load_weights says what to do
-        folders.append(base)
+    folders = ([directory, *bases] if bases is not None
+               else adapter_chain(directory, lambda path, _revision: local_pretrained_folder(path)))
     config = load_config(directory)
     policy = policy_class(config.type)(config, read_processor_stats(directory))
     return _load_weights(policy, folders, trainable=False)
