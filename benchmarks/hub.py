@@ -252,7 +252,7 @@ def make_runner(args, scratch: Path, admin: HubAdmin):
     import torch
     from huggingface_hub import HfApi
 
-    from robotrain import checkpoint, data
+    from robotrain import checkpoint_layout as layout, data
     from robotrain.train import train
 
     torch.set_num_threads(args.threads)
@@ -274,7 +274,7 @@ def make_runner(args, scratch: Path, admin: HubAdmin):
             # is published (the watcher frees it); the last step's commit is not held.
             admin.stall_commits(seconds=STALL_CAP_S, times=n_checkpoints - 1, repo=repo)
         mark = admin.mark()
-        watcher = Watcher(admin, run_dir / "checkpoints", checkpoint.step_folder_name(steps, steps))
+        watcher = Watcher(admin, run_dir / "checkpoints", layout.step_folder_name(steps, steps))
         watcher.start()
         try:
             result = train(cfg, run_dir)

@@ -29,18 +29,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from robotrain.checkpoint_layout import (
+    PRETRAINED, TMP_PREFIX, TRAINING_STATE, read_json, rng_file_name, step_folder_name, step_folders,
+)
 from robotrain.errors import UserError
 from robotrain.fsutil import fsync_dir, fsync_tree
-
-PRETRAINED = "pretrained_model"
-TRAINING_STATE = "training_state"
-_TMP_PREFIX = ".tmp-"
-
-
-def step_folder_name(step: int, total_steps: int) -> str:
-    """LeRobot's name: the step zero-padded to max(6, digits of the total)."""
-    return f"{step:0{max(6, len(str(total_steps)))}d}"
-
 
 # -- saving ---------------------------------------------------------------------------
 
@@ -48,7 +41,7 @@ def step_folder_name(step: int, total_steps: int) -> str:
 def staging_path(checkpoints_dir: Path, step: int, total_steps: int) -> Path:
     """Where checkpoint `step` is built before it is published: the same path on every process,
     so that all of them can write their shards of a sharded (FSDP) checkpoint into it."""
-    return Path(checkpoints_dir) / f"{_TMP_PREFIX}{step_folder_name(step, total_steps)}"
+    return Path(checkpoints_dir) / f"{TMP_PREFIX}{step_folder_name(step, total_steps)}"
 
 
 def prepare_staging(staging: Path) -> None:
@@ -111,7 +104,7 @@ def _publish(tmp: Path, final: Path, fsync: bool) -> None:
     # A folder with this step's name can exist only if an earlier run reached this step and
     # crashed before it could move on; the new one replaces it.
     if final.exists():
-        doomed = final.with_name(f"{_TMP_PREFIX}old-{final.name}-{os.getpid()}")
+        doomed = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
         os.rename(final, doomed)
         os.rename(tmp, final)
         shutil.rmtree(doomed)
@@ -123,7 +116,7 @@ def _publish(tmp: Path, final: Path, fsync: bool) -> None:
 
 def _point_last(checkpoints_dir: Path, name: str, fsync: bool) -> None:
     link = checkpoints_dir / "last"
-    tmp_link = checkpoints_dir / f"{_TMP_PREFIX}last-{os.getpid()}"
+    tmp_link = checkpoints_dir / f"{TMP_PREFIX}last-{os.getpid()}"
     tmp_link.unlink(missing_ok=True)
     os.symlink(name, tmp_link)  # relative, so the run dir can be moved or uploaded
     os.replace(tmp_link, link)
@@ -133,7 +126,7 @@ def _point_last(checkpoints_dir: Path, name: str, fsync: bool) -> None:
 
 def _remove_stale_temporaries(checkpoints_dir: Path) -> None:
     """Leftovers of saves killed midway (one writer per run dir, so none is live)."""
-    for path in checkpoints_dir.glob(f"{_TMP_PREFIX}*"):
+    for path in checkpoints_dir.glob(f"{TMP_PREFIX}*"):
         if path.is_symlink() or path.is_file():
             path.unlink(missing_ok=True)
         else:
@@ -154,10 +147,6 @@ def _save_optimizer(state_dir: Path, optimizer: torch.optim.Optimizer) -> None:
     }
     save_file(flat, str(state_dir / "optimizer_state.safetensors"))
     _write_json(state_dir / "optimizer_param_groups.json", sd["param_groups"])
-
-
-def rng_file_name(rank: int) -> str:
-    return "rng_state.safetensors" if rank == 0 else f"rng_state_rank{rank}.safetensors"
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -206,15 +195,6 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"{path} is corrupt ({reason}); delete that checkpoint folder or resume from another step") from None
-
-
-def read_json(path: Path) -> Any:
-    if not Path(path).is_file():
-        raise UserError(f"{path} is missing: that checkpoint is incomplete; resume from another step")
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is corrupt (not JSON: {err}); delete that checkpoint folder or resume from another step") from None
 
 
 def load_model_weights(model: torch.nn.Module, pretrained_dir: Path) -> None:
@@ -275,24 +255,6 @@ def _read_optimizer(state_dir: Path, optimizer: torch.optim.Optimizer) -> dict:
     return {"state": state, "param_groups": groups}
 
 
-def is_complete(folder: Path) -> bool:
-    return (folder / TRAINING_STATE / "training_step.json").is_file() and (folder / PRETRAINED).is_dir()
-
-
-def step_folders(checkpoints_dir: Path) -> list[Path]:
-    """Complete step folders, oldest first."""
-    if not Path(checkpoints_dir).is_dir():
-        return []
-    folders = [p for p in Path(checkpoints_dir).iterdir() if p.name.isdigit() and not p.is_symlink() and p.is_dir()]
-    return sorted((p for p in folders if is_complete(p)), key=lambda p: int(p.name))
-
-
-def latest(checkpoints_dir: Path) -> Path | None:
-    """The highest complete step folder, or None."""
-    folders = step_folders(checkpoints_dir)
-    return folders[-1] if folders else None
-
-
 def prune(checkpoints_dir: Path, keep_last: int, protect: frozenset[str] = frozenset()) -> list[Path]:
     """Delete all but the newest `keep_last` step folders, never one named in `protect`
     (e.g. still waiting to be uploaded). Returns what was deleted."""
@@ -301,7 +263,7 @@ def prune(checkpoints_dir: Path, keep_last: int, protect: frozenset[str] = froze
     doomed = [p for p in step_folders(checkpoints_dir)[:-keep_last] if p.name not in protect]
     for path in doomed:
         # Rename first so a crash mid-delete cannot leave a partial folder with a step's name.
-        trash = path.with_name(f"{_TMP_PREFIX}pruned-{path.name}")
+        trash = path.with_name(f"{TMP_PREFIX}pruned-{path.name}")
         os.rename(path, trash)
         shutil.rmtree(trash)
     return doomed

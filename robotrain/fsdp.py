@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from robotrain.checkpoint import read_json
+from robotrain.checkpoint_layout import read_json
 from robotrain.errors import UserError
 
 #: Subfolder of training_state/ holding the sharded state.

@@ -81,18 +81,15 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
 from robotrain import preemption
-from robotrain.repo_id import check_repo_id
+from robotrain.checkpoint_layout import CHECKPOINTS, PRETRAINED, is_complete
 from robotrain.errors import UserError
+from robotrain.repo_id import check_repo_id
 
-# robotrain.checkpoint (PRETRAINED, is_complete…) imports torch; it is imported where it is used
-# so that a process that only talks to the Hub starts in a fraction of a second.
 if TYPE_CHECKING:
     from robotrain.config import HubConfig
 
 log = logging.getLogger("robotrain")
 
-CHECKPOINTS = "checkpoints"
-"""Folder of the repo holding one sub-folder per pushed checkpoint, named like the local one."""
 FINAL = "final"
 """What `close()` lists for a final model (`push_final`) that was not pushed."""
 SAFE_SUFFIXES = (".safetensors", ".json")
@@ -732,8 +729,6 @@ def download_checkpoint(repo_id: str, revision: str | None, dest: Path) -> Path:
     with hub_errors(repo_id, revision):
         snapshot_download(repo_id, revision=found.sha, local_dir=dest,
                           allow_patterns=_safe_patterns(prefix))
-    from robotrain.checkpoint import is_complete
-
     folder = Path(dest) / CHECKPOINTS / found.name
     if not is_complete(folder):
         raise UserError(
@@ -749,8 +744,6 @@ def download_pretrained(repo_id: str, revision: str | None = None) -> Path:
     checkpoint's `pretrained_model/`; otherwise the root model files at that revision, or, when the
     root has no config.json, the latest checkpoint's `pretrained_model/`. Safetensors and JSON only,
     into the Hugging Face cache."""
-    from robotrain.checkpoint import PRETRAINED
-
     check_repo_id(repo_id)
     with hub_errors(repo_id, revision):
         api = HfApi()

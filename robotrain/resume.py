@@ -20,7 +20,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from robotrain import checkpoint
+from robotrain import checkpoint_layout as layout
 from robotrain.repo_id import is_repo_id
 from robotrain.errors import UserError
 
@@ -61,7 +61,7 @@ def locate(spec: str | None, run_dir: Path) -> ResumePoint | None:
     if not spec:
         return None
     if spec == "auto":
-        found = checkpoint.latest(run_dir / "checkpoints")
+        found = layout.latest(run_dir / "checkpoints")
         return _point(found) if found else None
     remote = parse_hub_spec(spec)
     if remote is not None:
@@ -75,26 +75,26 @@ def locate(spec: str | None, run_dir: Path) -> ResumePoint | None:
 def _local_checkpoint(path: Path) -> Path:
     if not path.exists():
         raise UserError(f"resume path {path} does not exist; pass a run dir, a checkpoint folder, or resume=auto")
-    if path.is_symlink() or (path / checkpoint.TRAINING_STATE).exists() or path.name.isdigit():
+    if path.is_symlink() or (path / layout.TRAINING_STATE).exists() or path.name.isdigit():
         folder = path.resolve()
-        if not checkpoint.is_complete(folder):
+        if not layout.is_complete(folder):
             raise UserError(f"{path} is not a complete checkpoint (no training_state/training_step.json); pick another step")
         return folder
     for candidate in (path / "checkpoints", path):
-        found = checkpoint.latest(candidate)
+        found = layout.latest(candidate)
         if found is not None:
             return found
     raise UserError(f"no checkpoint found under {path}; pass a run dir that has checkpoints/, or a checkpoint folder")
 
 
 def _point(folder: Path) -> ResumePoint:
-    info = checkpoint.read_json(folder / checkpoint.TRAINING_STATE / "training_step.json")
+    info = layout.read_json(folder / layout.TRAINING_STATE / layout.TRAINING_STEP)
     return ResumePoint(checkpoint_dir=folder, step=int(info["step"]))
 
 
 def merged_config(point: ResumePoint, composed: DictConfig, task_overrides: Sequence[str]) -> DictConfig:
     """The checkpoint's train_config.json with this command line's overrides on top."""
-    saved = checkpoint.read_json(point.checkpoint_dir / checkpoint.PRETRAINED / "train_config.json")
+    saved = layout.read_json(point.checkpoint_dir / layout.PRETRAINED / layout.TRAIN_CONFIG)
     base = OmegaConf.create(saved)
     merged = apply_overrides(base.copy(), composed, task_overrides)
     if not merged.resume.allow_changes:

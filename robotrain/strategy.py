@@ -100,11 +100,11 @@ class Sharded(Strategy):
     def checkpoint_model(self, model, optimizer, writer: Writer, stage: Callable[[], Path]):
         from functools import partial
 
-        from robotrain import checkpoint, fsdp
+        from robotrain import checkpoint_layout as layout, fsdp
 
         full = fsdp.full_state_dict(model)
         staging = stage()  # every process writes its shard there, then the main process publishes it
-        fsdp.save_sharded(model, optimizer, staging / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER)
+        fsdp.save_sharded(model, optimizer, staging / layout.TRAINING_STATE / fsdp.DCP_FOLDER)
         return partial(writer, state_dict=full), None, True
 
     def evaluation_model(self, model, is_main: bool):
@@ -116,9 +116,9 @@ class Sharded(Strategy):
 
 def _sharded_state(checkpoint_dir: Path) -> Path:
     """Where a checkpoint keeps FSDP's sharded model and optimizer state."""
-    from robotrain import checkpoint, fsdp
+    from robotrain import checkpoint_layout as layout, fsdp
 
-    return Path(checkpoint_dir) / checkpoint.TRAINING_STATE / fsdp.DCP_FOLDER
+    return Path(checkpoint_dir) / layout.TRAINING_STATE / fsdp.DCP_FOLDER
 
 
 #: `distributed.strategy` values.

@@ -212,10 +212,10 @@ def _import(name: str):
 def _saved_state(resume) -> dict | None:
     if resume is None:
         return None
-    from robotrain import checkpoint
+    from robotrain import checkpoint_layout as layout
 
-    path = Path(resume.checkpoint_dir) / checkpoint.TRAINING_STATE / STATE_FILE
-    return checkpoint.read_json(path) if path.is_file() else None
+    path = Path(resume.checkpoint_dir) / layout.TRAINING_STATE / STATE_FILE
+    return layout.read_json(path) if path.is_file() else None
 
 
 def _named(metrics: dict[str, float]) -> dict[str, float]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from robotrain import checkpoint
+from robotrain import checkpoint, checkpoint_layout as layout
 from robotrain.errors import UserError
 
 REFERENCE = Path(__file__).parent / "data" / "lerobot_act_checkpoint"
@@ -38,8 +38,8 @@ def test_step_folders_and_last_symlink_follow_lerobot(trained_run):
 
 
 def test_step_folder_name_pads_to_the_total_steps():
-    assert checkpoint.step_folder_name(5, 100) == "000005"
-    assert checkpoint.step_folder_name(5, 12_345_678) == "00000005"
+    assert layout.step_folder_name(5, 100) == "000005"
+    assert layout.step_folder_name(5, 12_345_678) == "00000005"
 
 
 def test_pretrained_model_has_lerobots_files(trained_run):
@@ -110,7 +110,7 @@ def test_latest_ignores_temporary_and_incomplete_folders(trained_run, tmp_path):
     shutil.copytree(trained_run / "checkpoints", checkpoints, symlinks=True)
     (checkpoints / ".tmp-000030-123" / "training_state").mkdir(parents=True)
     (checkpoints / "000040").mkdir()
-    assert checkpoint.latest(checkpoints).name == "000020"
+    assert layout.latest(checkpoints).name == "000020"
 
 
 def test_prune_keeps_the_newest_and_the_protected(trained_run, tmp_path):
@@ -142,7 +142,7 @@ def test_corrupt_optimizer_state_is_refused_before_anything_is_restored(trained_
 SAVER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from robotrain import checkpoint
+    from robotrain import checkpoint, checkpoint_layout as layout
     from safetensors.torch import save_file
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
@@ -151,7 +151,7 @@ SAVER = textwrap.dedent("""
     model(torch.randn(4, 512)).sum().backward(); optimizer.step()
     def save_pretrained(folder):
         save_file(model.state_dict(), str(Path(folder) / "model.safetensors"))
-    latest = checkpoint.latest(Path(sys.argv[1]))
+    latest = layout.latest(Path(sys.argv[1]))
     step = int(latest.name) if latest else 0
     while True:
         step += 1
@@ -180,7 +180,7 @@ def test_kill_during_saving_always_leaves_a_loadable_latest(tmp_path):
         time.sleep(rng.uniform(0, 0.3))  # a random instant, mostly inside a save
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        latest = checkpoint.latest(checkpoints)
+        latest = layout.latest(checkpoints)
         assert latest is not None and int(latest.name) >= first_saved, f"trial {trial}: lost a finished save"
         _loads(latest)
         assert json.loads((latest / "pretrained_model" / "train_config.json").read_text())["step"] == int(latest.name)

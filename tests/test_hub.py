@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from robotrain import checkpoint
+from robotrain import checkpoint, checkpoint_layout as layout
 from tests.hub_emulator import wait_until
 
 pytest_plugins = ["tests.hub_fixtures"]
@@ -94,7 +94,7 @@ def save_checkpoint(run_dir: Path, step: int, total_steps: int = 30, *, marker: 
         training_step={"num_processes": 1, "batch_size": 2, "global_batch_size": 2, "sample_position": 2 * step},
         sampler_state={"seed": 0}, fsync=False,
     )
-    (folder / checkpoint.TRAINING_STATE / "extra.pt").write_bytes(b"\x80\x04 not for download")
+    (folder / layout.TRAINING_STATE / "extra.pt").write_bytes(b"\x80\x04 not for download")
     return folder
 
 
@@ -249,7 +249,7 @@ def test_a_checkpoint_whose_retries_ran_out_has_no_tag_and_goes_with_the_next_su
     assert seen["after"]["pending"] == [] and sorted(seen["after"]["tags"]) == ["000010", "000020"]
     # Oldest first: the retried checkpoint is committed before the new one.
     assert seen["commits"][:2] == ["Checkpoint 000020 (step 20)", "Checkpoint 000010 (step 10)"]
-    assert f"checkpoints/000010/{checkpoint.PRETRAINED}/model.safetensors" in seen["at_10"]
+    assert f"checkpoints/000010/{layout.PRETRAINED}/model.safetensors" in seen["at_10"]
     assert "failed 3 times" in stderr
 
 
@@ -399,7 +399,7 @@ def test_model_card_names_policy_dataset_steps_metrics_and_how_to_load_and_resum
 
 def test_push_final_puts_the_model_files_and_card_at_the_root(hub, hub_repo, tmp_path):
     folder = save_checkpoint(tmp_path, 30)
-    pretrained = folder / checkpoint.PRETRAINED
+    pretrained = folder / layout.PRETRAINED
     seen, _ = run(hub, hub_repo, """
         p = pusher()
         p.push_final(pathlib.Path(ARGS[0]), "# card for " + REPO, step=30)
@@ -477,8 +477,8 @@ def test_download_checkpoint_fetches_only_that_checkpoints_safetensors_and_json(
     since = hub.mark()
     seen, _ = run(hub, pushed["repo"], """
         folder = rhub.download_checkpoint(REPO, "20", pathlib.Path(ARGS[0]))
-        from robotrain import checkpoint
-        out([str(folder), checkpoint.is_complete(folder)])
+        from robotrain import checkpoint_layout as layout
+        out([str(folder), layout.is_complete(folder)])
     """, tmp_path)
     assert seen == [str(tmp_path / "checkpoints" / "000020"), True]
     local = pushed["folders"]["000020"]

@@ -98,7 +98,7 @@ def local_pretrained_folder(path: str | Path) -> Path | None:
     """The pretrained_model/ folder a local path holds: itself, a checkpoint's, or a run dir's
     latest checkpoint's; None when `path` is not on this disk (a Hub repo id, see
     `robotrain.pretrained`, which downloads). Nothing here fetches."""
-    from robotrain import checkpoint
+    from robotrain import checkpoint_layout as layout
 
     local = Path(path).expanduser()
     if not local.exists():
@@ -108,12 +108,12 @@ def local_pretrained_folder(path: str | Path) -> Path | None:
     if (local / "config.json").is_file() and ((local / "model.safetensors").is_file()
                                               or (local / "adapter_config.json").is_file()):
         return local
-    if (local / checkpoint.PRETRAINED).is_dir():
-        return local / checkpoint.PRETRAINED
-    latest = checkpoint.latest(local / "checkpoints")
+    if (local / layout.PRETRAINED).is_dir():
+        return local / layout.PRETRAINED
+    latest = layout.latest(local / layout.CHECKPOINTS)
     if latest is None:
         raise UserError(f"policy.pretrained_path={path} holds no pretrained_model/ or checkpoints/")
-    return latest / checkpoint.PRETRAINED
+    return latest / layout.PRETRAINED
 
 
 def adapter_chain(folder: Path, resolve: Callable[[str, str | None], Path | None]) -> list[Path]:
