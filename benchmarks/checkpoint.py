@@ -1,4 +1,4 @@
-"""Checkpoint save time of `robotrain.checkpoint.save` against raw `safetensors` writes.
+"""Checkpoint save time of `robotrain.checkpoint.CheckpointManager.save` against raw `safetensors` writes.
 
     python benchmarks/checkpoint.py [--repeats 11] [--hidden-dim 2048] [--num-layers 12]
 
@@ -8,7 +8,7 @@ holds exp_avg and exp_avg_sq for every parameter (356 MiB more). At that size th
 dominate everything else a checkpoint writes (JSON configs, processor stats, RNG state: a fixed
 few ms measured with a tiny model), as they do for the policies robotrain is for.
 
-- robotrain: `checkpoint.save(...)` exactly as the training loop calls it: the whole LeRobot
+- robotrain: `CheckpointManager.save(step)` with the parts a one-process run registers: the whole LeRobot
   folder (pretrained_model/ + training_state/) built under a temporary name and published by
   rename, then the `last` symlink swapped.
 - raw: `safetensors.torch.save_file` of the same tensors (the model state_dict and the
@@ -44,10 +44,10 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.utils.data import default_collate  # noqa: E402
 
-from robotrain import checkpoint, data, policies  # noqa: E402
+from robotrain import checkpoint, checkpoint_layout as layout, data, policies, strategy  # noqa: E402
 from robotrain.config import to_dict  # noqa: E402
 from robotrain.data.lerobot_format import LeRobotDataset, load_meta  # noqa: E402
-from robotrain.data.sampler import EpisodeAwareSampler  # noqa: E402
+from robotrain.data.sampler import DataPosition, EpisodeAwareSampler  # noqa: E402
 from robotrain.optim import make_optimizer, make_scheduler  # noqa: E402
 
 
@@ -89,21 +89,15 @@ class State:
 
 
 def save_robotrain(state: State, folder: Path, fsync: bool) -> None:
-    state.sampler.seek(state.step * state.cfg.batch_size)
-    checkpoint.save(
-        folder / "checkpoints",
-        step=state.step,
-        total_steps=state.cfg.steps,
-        save_pretrained=state.policy.save_pretrained,
-        optimizer=state.optimizer,
-        scheduler=state.scheduler,
-        train_config=to_dict(state.cfg),
-        training_step={"num_processes": 1, "batch_size": state.cfg.batch_size,
-                       "global_batch_size": state.cfg.batch_size,
-                       "sample_position": state.step * state.cfg.batch_size},
-        sampler_state=state.sampler.state_dict(),
-        fsync=fsync,
-    )
+    """The training loop's save: the parts a one-process run registers, saved by its manager."""
+    position = DataPosition(state.sampler, state.cfg.batch_size)
+    manager = checkpoint.CheckpointManager(folder / "checkpoints", state.cfg.steps, position, fsync=fsync)
+    manager.register(strategy.Replicated().checkpoint_parts(state.policy, state.optimizer, to_dict(state.cfg)))
+    manager.register({
+        "scheduler": checkpoint.Json(state.scheduler, f"{layout.TRAINING_STATE}/{layout.SCHEDULER_STATE}"),
+        "rng": checkpoint.RngStates(checkpoint.World()),
+    })
+    manager.save(state.step)
 
 
 def save_raw(state: State, folder: Path, fsync: bool) -> None:

@@ -120,7 +120,7 @@ def load_sharded(policy: nn.Module, optimizer: torch.optim.Optimizer, folder: Pa
     """Restore model and optimizer from `folder`, resharded onto this world (collective)."""
     model_sd, optim_sd = get_state_dict(policy, optimizer)  # the live shards, to be filled in place
     groups = _read_param_groups(Path(folder), optim_sd["param_groups"])
-    _check_shards(Path(folder))
+    check_shards(Path(folder))
     state = {"model": model_sd, "optim": optim_sd["state"]}
     try:
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(folder)))
@@ -139,7 +139,7 @@ def _read_param_groups(folder: Path, live: list[dict]) -> list[dict]:
     return groups
 
 
-def _check_shards(folder: Path) -> None:
+def check_shards(folder: Path) -> None:
     """A one-line error for missing or corrupt shards, before DCP logs a traceback on reading them."""
     from safetensors import SafetensorError, safe_open
 

@@ -125,27 +125,26 @@ def pretrained_writer(model: nn.Module):
     return partial(save_pretrained, model) if is_adapted(model) else model.save_pretrained
 
 
-def load_weights(model: nn.Module, directory: Path) -> None:
-    """A checkpoint's pretrained_model/ weights into `model` (resume): the adapter for an
-    adapted model, the whole (consolidated) model otherwise."""
-    if is_adapted(model):
-        load_adapter_weights(model, directory)
-    else:
-        from robotrain.checkpoint import load_model_weights
-
-        load_model_weights(model, directory)
-
-
-def load_adapter_weights(model: nn.Module, directory: Path) -> None:
-    """Put a saved adapter's weights into an adapted model (resume)."""
-    from peft import set_peft_model_state_dict
-
+def read_weights(model: nn.Module, directory: Path) -> dict[str, torch.Tensor]:
+    """The weights a pretrained_model/ folder holds for `model`: the adapter's for an adapted
+    model, the whole (consolidated) model's otherwise (a one-line error if missing or corrupt)."""
     from robotrain.checkpoint import load_safetensors
 
-    result = set_peft_model_state_dict(model, load_safetensors(Path(directory) / ADAPTER_WEIGHTS))
-    unexpected = getattr(result, "unexpected_keys", [])
+    return load_safetensors(Path(directory) / (ADAPTER_WEIGHTS if is_adapted(model) else "model.safetensors"))
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path | str = "the checkpoint") -> None:
+    """Weights from `read_weights` into `model` (resume); a mismatch is a one-line error."""
+    if not is_adapted(model):
+        from robotrain.checkpoint import load_weights_strictly
+
+        load_weights_strictly(model, state, source)
+        return
+    from peft import set_peft_model_state_dict
+
+    unexpected = getattr(set_peft_model_state_dict(model, state), "unexpected_keys", [])
     if unexpected:
-        raise UserError(f"the adapter in {directory} does not fit this policy (unexpected {unexpected[:3]}); "
+        raise UserError(f"the adapter in {source} does not fit this policy (unexpected {unexpected[:3]}); "
                         "resume with the peft settings it was trained with")
 
 

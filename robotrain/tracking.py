@@ -1,9 +1,9 @@
 """Experiment trackers behind one small interface: TensorBoard, Weights & Biases, trackio.
 
-    tracker = tracking.start(cfg, run_dir, resume, model, enabled=is_main)
+    tracker = tracking.start(cfg, run_dir, continued, step, model, enabled=is_main)
     tracker.log(step, metrics)                  # a metrics window, or an evaluation's numbers
     tracker.log_video(step, "eval/video", gif)  # an evaluation episode, as a GIF file
-    tracker.training_state()                    # {"tracker.json": {...}}, saved in each checkpoint
+    tracker.run_state()                         # what tracker.json in each checkpoint holds
     tracker.close()
 
 - Only the main process logs: every other process, and `tracker=none`, gets the base
@@ -51,23 +51,43 @@ def check_installed(cfg) -> None:
         _import(cfg.name)
 
 
-def start(cfg, run_dir: Path, resume=None, model=None, enabled: bool = True) -> Tracker:
+def start(cfg, run_dir: Path, continued: "TrackerRun | None" = None, step: int = 0, model=None,
+          enabled: bool = True) -> Tracker:
     """The tracker `cfg.tracker` names, started with the run's config; a do-nothing `Tracker`
     when `enabled` is false (every process but the main one) or the tracker is none.
 
-    `resume` (a `ResumePoint`) supplies the tracker run to continue; `model` (unwrapped) the
-    adapter config of a PEFT run."""
+    `continued` (the checkpoint part a resume loaded) names the tracker run to continue, and
+    records the started tracker for the next checkpoint; `step` is the step the run starts at;
+    `model` (unwrapped) gives the adapter config of a PEFT run."""
+    continued = continued if continued is not None else TrackerRun()
     if not enabled or cfg.tracker.name == "none":
         return Tracker()
     config = to_dict(cfg)
     adapter = adapter_config(model)
     if adapter is not None:
         config["adapter_config"] = adapter
-    saved = _saved_state(resume)
+    saved = continued.saved
     if saved is not None and (saved.get("name"), saved.get("project")) != (cfg.tracker.name, cfg.tracker.project):
         saved = None  # another tracker or project: a new run there
     backend = {"tensorboard": _TensorBoard, "wandb": _Wandb, "trackio": _Trackio}[cfg.tracker.name]
-    return backend(cfg.tracker, Path(run_dir), config, saved, resume.step if resume is not None else 0)
+    continued.tracker = backend(cfg.tracker, Path(run_dir), config, saved, step)
+    return continued.tracker
+
+
+class TrackerRun:
+    """The tracker run a checkpoint continues: the object behind training_state/tracker.json, a
+    checkpoint part (`robotrain.checkpoint.Json`, optional). A resume loads the saved run into
+    it before the tracker starts; a save asks the started tracker."""
+
+    def __init__(self) -> None:
+        self.saved: dict | None = None
+        self.tracker: Tracker | None = None
+
+    def state_dict(self) -> dict | None:
+        return self.tracker.run_state() if self.tracker is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.saved = state
 
 
 def adapter_config(model) -> dict[str, Any] | None:
@@ -90,9 +110,9 @@ class Tracker:
     def log_video(self, step: int, key: str, path: Path) -> None:
         """A GIF file (an evaluation episode) at optimizer step `step`."""
 
-    def training_state(self) -> dict[str, Any]:
-        """Files for the checkpoint's training_state/ that let a resumed run continue this one."""
-        return {}
+    def run_state(self) -> dict[str, Any] | None:
+        """What a resumed run needs to continue this tracker run (training_state/tracker.json)."""
+        return None
 
     def close(self) -> None:
         """Flush and finish the run."""
@@ -161,8 +181,8 @@ class _Wandb(Tracker):
     def log_video(self, step: int, key: str, path: Path) -> None:
         self.run.log({"train/step": step, key: self.wandb.Video(str(path), format="gif")})
 
-    def training_state(self) -> dict[str, Any]:
-        return {STATE_FILE: {"name": self.name, "project": self.project, "run_id": self.run.id}}
+    def run_state(self) -> dict[str, Any]:
+        return {"name": self.name, "project": self.project, "run_id": self.run.id}
 
     def close(self) -> None:
         self.run.finish()
@@ -193,8 +213,8 @@ class _Trackio(Tracker):
     def log_video(self, step: int, key: str, path: Path) -> None:
         self.run.log({key: self.trackio.Video(str(path), format="gif")}, step=step)
 
-    def training_state(self) -> dict[str, Any]:
-        return {STATE_FILE: {"name": self.name, "project": self.project, "run_name": self.run.name}}
+    def run_state(self) -> dict[str, Any]:
+        return {"name": self.name, "project": self.project, "run_name": self.run.name}
 
     def close(self) -> None:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -207,15 +227,6 @@ def _import(name: str):
     except ImportError as err:
         raise UserError(f"tracker={name} needs the {name} package ({_first_line(err)}): "
                         "pip install 'robotrain[trackers]'") from None
-
-
-def _saved_state(resume) -> dict | None:
-    if resume is None:
-        return None
-    from robotrain import checkpoint_layout as layout
-
-    path = Path(resume.checkpoint_dir) / layout.TRAINING_STATE / STATE_FILE
-    return layout.read_json(path) if path.is_file() else None
 
 
 def _named(metrics: dict[str, float]) -> dict[str, float]:

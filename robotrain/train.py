@@ -3,13 +3,13 @@
     set up the process (accelerate), seed every RNG, check the Hub repo
     open the dataset (prepared once by the main process)
     build the policy, optimizer and schedule
-    restore a checkpoint when resuming (weights, optimizer, schedule, RNG, data position)
+    register what a checkpoint holds (robotrain.checkpoint) and, when resuming, restore all of it
     loop: batch -> loss -> backward -> clip -> step -> log -> [eval] -> [checkpoint -> push]
     evaluate, push the final model, wait (bounded) for uploads
 
-Each optimizer step consumes one global batch of consecutive sampler positions, so the
-data position after step `s` is the start position plus `(s - start step) * global_batch_size`
-and a resumed run continues the exact sequence of batches. SIGTERM/SIGUSR2 stop the loop
+Each optimizer step consumes one global batch of consecutive sampler positions
+(`robotrain.data.sampler.DataPosition`), so a resumed run continues the exact sequence of
+batches. SIGTERM/SIGUSR2 stop the loop
 at the next step boundary with a checkpoint (see `robotrain.preemption`). Checkpoint uploads run in the background
 (`robotrain.hub.CheckpointPusher`): the loop never waits for the network.
 """
@@ -21,7 +21,6 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,11 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from robotrain import checkpoint, data, distributed, global_batch, peft, policies, pretrained, strategy, tracking
+from robotrain import checkpoint, checkpoint_layout as layout, data, distributed, global_batch, peft, policies, \
+    pretrained, strategy, tracking
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader, to_device
-from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
+from robotrain.data.sampler import DataPosition, EpisodeAwareSampler
 from robotrain.optim import make_optimizer, make_scheduler
 from robotrain.preemption import PreemptionFlag
 from robotrain.progress import MetricsLog, Progress
@@ -90,27 +90,31 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
 
     dataset, sampler = _open_data(cfg, accelerator)
 
-    # Policy (adapted, resumed, sharded or replicated), optimizer and schedule; then the data position.
+    # Policy (adapted, sharded or replicated), optimizer and schedule.
     parallel = strategy.make(cfg.distributed.strategy)
-    policy = parallel.prepare(_build_policy(cfg, dataset, resume), accelerator)
-    optimizer = make_optimizer(policy.parameters(), cfg.optim)
+    model = parallel.prepare(_build_policy(cfg, dataset), accelerator)
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.steps)
     if accelerator.num_processes > 1:
         seed_everything(cfg.seed + accelerator.process_index)  # per-process randomness from here on
-    global_batch_size = cfg.batch_size * accelerator.num_processes
-    step, position = 0, 0
-    if resume is not None:
-        step, position = _restore(cfg, resume, parallel, policy, optimizer, scheduler, sampler, accelerator,
-                                  global_batch_size)
-    policy, optimizer = parallel.wrap(policy, optimizer, accelerator)
 
-    loader = _loader(cfg, accelerator, dataset, sampler, position)
+    # What a checkpoint holds; a resume restores all of it (weights, optimizer, schedule, RNG,
+    # data position, tracker run) before training starts.
+    position = DataPosition(sampler, cfg.batch_size, accelerator.num_processes, cfg.resume.allow_changes)
+    tracker_run = tracking.TrackerRun()
+    checkpoints = _checkpoints(cfg, run_dir, accelerator, parallel, model, optimizer, scheduler, position,
+                               tracker_run)
+    if resume is not None:
+        checkpoints.load(resume.checkpoint_dir)
+    policy, optimizer = parallel.wrap(model, optimizer, accelerator)
+
+    loader = _loader(cfg, accelerator, dataset, position)
+    step = position.step
     result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
                        is_main=accelerator.is_main_process)
-    out = _Outputs.open(cfg, run_dir, resume, accelerator, parallel, result, step, accelerator.unwrap_model(policy),
-                        global_batch_size)
-    saver = _Saver(cfg, run_dir, accelerator, parallel, optimizer, scheduler, sampler, pusher, out.tracker,
-                   global_batch_size, start=(step, position))
+    out = _Outputs.open(cfg, run_dir, tracker_run, accelerator, parallel, result, step, model,
+                        position.global_batch_size)
+    saver = _Saver(cfg, checkpoints, pusher)
     if resume is None and cfg.eval.at_start:
         out.evaluator.run(policy, step, label="untrained")
 
@@ -151,7 +155,7 @@ def _steps(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, schedu
             # Every process must stop at the same step, whichever the signal reached first.
             stop = distributed.any_process(accelerator, preemption.requested)
             if _checkpoint_due(cfg, step) or stop:
-                result.last_checkpoint = saver.save(policy, step)
+                result.last_checkpoint = saver.save(step)
             if stop:
                 result.preempted_by = preemption.signal_name or "a preemption signal to another process"
                 break
@@ -175,16 +179,27 @@ def _open_data(cfg: TrainConfig, accelerator: Accelerator):
     return dataset, sampler
 
 
-def _build_policy(cfg: TrainConfig, dataset, resume: ResumePoint | None):
-    """The policy for this run: built (from pretrained weights if asked), adapted (PEFT), with a
-    resumed checkpoint's weights (consolidated, whatever the world size)."""
+def _build_policy(cfg: TrainConfig, dataset):
+    """The policy for this run: built (from pretrained weights if asked) and adapted (PEFT)."""
     folders = pretrained.local_folders(cfg.policy.pretrained_path, cfg.policy.pretrained_revision) \
         if cfg.policy.pretrained_path else []
-    policy = peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats, folders),
-                        cfg.peft, cfg.policy)
-    if resume is not None:
-        peft.load_weights(policy, resume.checkpoint_dir / checkpoint.PRETRAINED)
-    return policy
+    return peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats, folders),
+                      cfg.peft, cfg.policy)
+
+
+def _checkpoints(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, parallel, model, optimizer, scheduler,
+                 position: DataPosition, tracker_run) -> checkpoint.CheckpointManager:
+    """The run's checkpoint parts, registered with the manager that saves and loads them."""
+    world = checkpoint.World(accelerator)
+    manager = checkpoint.CheckpointManager(run_dir / "checkpoints", cfg.steps, position, world,
+                                           fsync=cfg.checkpoint.fsync, keep_last=cfg.checkpoint.keep_last)
+    manager.register(parallel.checkpoint_parts(model, optimizer, to_dict(cfg)))
+    manager.register({
+        "scheduler": checkpoint.Json(scheduler, f"{layout.TRAINING_STATE}/{layout.SCHEDULER_STATE}"),
+        "rng": checkpoint.RngStates(world),
+        "tracker": checkpoint.Json(tracker_run, f"{layout.TRAINING_STATE}/{tracking.STATE_FILE}", optional=True),
+    })
+    return manager
 
 
 @dataclass
@@ -203,11 +218,12 @@ class _Outputs:
     window: "_Window" = field(default_factory=lambda: _Window())
 
     @classmethod
-    def open(cls, cfg, run_dir, resume, accelerator, parallel, result, step, model, global_batch_size) -> "_Outputs":
+    def open(cls, cfg, run_dir, tracker_run, accelerator, parallel, result, step, model,
+             global_batch_size) -> "_Outputs":
         main = accelerator.is_main_process
         metrics_log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
         progress = Progress(cfg.steps, step, cfg.log_every, enabled=main)
-        tracker = tracking.start(cfg, run_dir, resume, model, main)
+        tracker = tracking.start(cfg, run_dir, tracker_run, step, model, main)
         evaluator = _Evaluator(cfg, accelerator, parallel, result, metrics_log, progress, tracker, run_dir)
         samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
         return cls(cfg, result, global_batch_size, metrics_log, progress, tracker, evaluator, samples)
@@ -241,12 +257,10 @@ def _make_pusher(cfg: TrainConfig):
     return hub.CheckpointPusher.from_config(cfg.hub)
 
 
-def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, sampler, position: int):
-    """This rank's share of each global batch, starting at global sample `position`."""
+def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, position: DataPosition):
+    """This rank's share of each global batch, from the run's data position on."""
     return make_loader(
-        dataset,
-        GlobalBatchSampler(sampler, cfg.batch_size, num_processes=accelerator.num_processes,
-                           rank=accelerator.process_index, start_position=position),
+        dataset, position.batches(accelerator.process_index),
         # Frames decoded on the GPU are there already; pinning is for CPU tensors only.
         num_workers=cfg.num_workers, seed=cfg.seed,
         pin_memory=accelerator.device.type == "cuda" and cfg.dataset.video_device == "cpu",
@@ -268,85 +282,28 @@ def _update(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, sched
     return loss, grad_norm
 
 
-def _restore(cfg, resume: ResumePoint, parallel, policy, optimizer, scheduler, sampler, accelerator,
-             global_batch_size: int) -> tuple[int, int]:
-    """Restore optimizer, schedule, RNG and data position (weights are loaded already);
-    returns (step, global sample position). A sharded (FSDP) checkpoint's optimizer state is
-    resharded onto this world by torch.distributed.checkpoint."""
-    sharded = parallel.load_sharded_state(policy, optimizer, resume.checkpoint_dir)
-    state = checkpoint.load_training_state(resume.checkpoint_dir, None if sharded else optimizer,
-                                           scheduler, rank=accelerator.process_index)
-    if not cfg.resume.allow_changes:
-        sampler.load_state_dict(state["sampler_state"])  # refuses a changed dataset or sampler
-    saved_global = state.get("global_batch_size", global_batch_size)
-    if saved_global != global_batch_size:
-        log.warning(
-            "the global batch changes from %d (%d processes x %d) to %d (%d x %d): training continues at "
-            "sample %d of the same order, but its batches (and so the weights) differ from the original run's",
-            saved_global, state.get("num_processes", 1), state.get("batch_size", saved_global), global_batch_size,
-            accelerator.num_processes, cfg.batch_size, state["sample_position"])
-    if not state["rng_restored"]:
-        log.warning("the checkpoint has no RNG state for process %d (it had %d processes): that process's "
-                    "random draws (dropout, noise) start fresh", accelerator.process_index,
-                    state.get("num_processes", 1))
-    log.info("resumed from %s at step %d (sample %d)", resume.checkpoint_dir, state["step"], state["sample_position"])
-    return state["step"], state["sample_position"]
-
-
 def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:
     return step == cfg.steps or (cfg.checkpoint.every > 0 and step % cfg.checkpoint.every == 0)
 
 
 class _Saver:
-    """Checkpoints on the main process: save atomically, queue the upload, prune what is
-    both old and already pushed."""
+    """Checkpoints: save (every process), queue the upload (main process), and let the manager
+    prune only what is both old and already pushed."""
 
-    def __init__(self, cfg, run_dir, accelerator, parallel, optimizer, scheduler, sampler, pusher, tracker,
-                 global_batch_size: int, start: tuple[int, int]):
-        """`start`: the (step, global sample position) this run started from; a resumed run may
-        use another global batch than the one that reached that position."""
-        self.cfg, self.checkpoints = cfg, run_dir / "checkpoints"
-        self.accelerator, self.optimizer, self.scheduler, self.sampler = accelerator, optimizer, scheduler, sampler
-        self.pusher, self.tracker, self.global_batch_size, self.start = pusher, tracker, global_batch_size, start
-        self.parallel = parallel
-        self.last: Path | None = None
+    def __init__(self, cfg: TrainConfig, checkpoints: checkpoint.CheckpointManager, pusher):
+        self.cfg, self.checkpoints, self.pusher = cfg, checkpoints, pusher
+        self.pushing = pusher is not None and cfg.hub.push_checkpoints
 
-    def save(self, policy, step: int) -> Path | None:
-        from accelerate.utils import gather_object
+    @property
+    def last(self) -> Path | None:
+        return self.checkpoints.last
 
-        rng_states = gather_object([checkpoint.rng_state()])  # every process's, in rank order
-        model = self.accelerator.unwrap_model(policy)
-        save_pretrained, optimizer, staged = self.parallel.checkpoint_model(
-            model, self.optimizer, peft.pretrained_writer(model), partial(self._stage, step))
-        if not self.accelerator.is_main_process:
-            self.accelerator.wait_for_everyone()
-            return None
-        start_step, start_position = self.start
-        position = start_position + (step - start_step) * self.global_batch_size
-        self.sampler.seek(position)
-        self.last = checkpoint.save(
-            self.checkpoints, step=step, total_steps=self.cfg.steps, save_pretrained=save_pretrained,
-            staged=staged, optimizer=optimizer, scheduler=self.scheduler, train_config=to_dict(self.cfg),
-            training_step={"num_processes": self.accelerator.num_processes, "batch_size": self.cfg.batch_size,
-                           "global_batch_size": self.global_batch_size, "sample_position": position},
-            sampler_state=self.sampler.state_dict(), fsync=self.cfg.checkpoint.fsync, rng_states=rng_states,
-            extra_state=self.tracker.training_state(),
-        )
-        protect: frozenset[str] = frozenset()
-        if self.pusher is not None and self.cfg.hub.push_checkpoints:
-            self.pusher.submit(self.last, step)
-            protect = frozenset(self.pusher.pending())
-        checkpoint.prune(self.checkpoints, self.cfg.checkpoint.keep_last, protect=protect)
-        self.accelerator.wait_for_everyone()  # nobody trains on while the checkpoint is written
-        return self.last
-
-    def _stage(self, step: int) -> Path:
-        """The step's staging folder, made by the main process, seen by all."""
-        staging = checkpoint.staging_path(self.checkpoints, step, self.cfg.steps)
-        if self.accelerator.is_main_process:
-            checkpoint.prepare_staging(staging)
-        self.accelerator.wait_for_everyone()
-        return staging
+    def save(self, step: int) -> Path | None:
+        protect = frozenset(self.pusher.pending()) if self.pushing else frozenset()
+        folder = self.checkpoints.save(step, protect)
+        if folder is not None and self.pushing:
+            self.pusher.submit(folder, step)
+        return folder
 
     def push_final(self, result: RunResult) -> None:
         if self.pusher is None or not self.cfg.hub.push_final or self.last is None:
@@ -357,7 +314,7 @@ class _Saver:
         card = hub.model_card(self.cfg.hub.repo_id, policy_type=self.cfg.policy.type,
                               dataset_repo_id=self.cfg.dataset.repo_id, steps=result.step, metrics=metrics,
                               adapter=self.cfg.peft.method != "none")
-        self.pusher.push_final(self.last / checkpoint.PRETRAINED, card, step=result.step)
+        self.pusher.push_final(self.last / layout.PRETRAINED, card, step=result.step)
 
     def close(self) -> list[str]:
         """Wait (bounded) for uploads in flight; returns what was not pushed."""

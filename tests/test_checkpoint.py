@@ -20,6 +20,8 @@ from safetensors import safe_open
 
 from robotrain import checkpoint, checkpoint_layout as layout
 from robotrain.errors import UserError
+from tests.conftest import REPO_ROOT
+from tests.tiny_checkpoints import Tiny
 
 REFERENCE = Path(__file__).parent / "data" / "lerobot_act_checkpoint"
 RNG_KEYS = {"py_rng_state", "py_rng_version", "np_rng_state_values", "np_rng_state_index",
@@ -124,50 +126,75 @@ def test_prune_keeps_the_newest_and_the_protected(trained_run, tmp_path):
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.isdigit()) == ["000010", "000030"]
 
 
-def test_corrupt_optimizer_state_is_refused_before_anything_is_restored(trained_run, tmp_path):
-    import shutil
-
-    folder = tmp_path / "000020"
-    shutil.copytree(trained_run / "checkpoints" / "000020", folder)
+def test_corrupt_optimizer_state_is_refused_before_anything_is_restored(tmp_path):
+    saved = Tiny(tmp_path / "checkpoints")
+    saved.train_step()
+    folder = saved.manager.save(1)
     (folder / "training_state" / "optimizer_state.safetensors").write_bytes(b"not safetensors")
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    rng_before = torch.get_rng_state()
+    fresh = Tiny(tmp_path / "other")
+    weights, lr_before, rng_before = fresh.model.weight.detach().clone(), fresh.scheduler.state_dict(), torch.get_rng_state()
     with pytest.raises(UserError, match="corrupt"):
-        checkpoint.load_training_state(folder, optimizer, scheduler)
+        fresh.manager.load(folder)
     assert torch.equal(torch.get_rng_state(), rng_before)
+    assert torch.equal(fresh.model.weight, weights) and fresh.scheduler.state_dict() == lr_before
+    assert fresh.position.step == 0
+
+
+def test_a_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
+    """Every part is read and checked before any is loaded: a model of another size is refused
+    by the optimizer's check, after the weights were read, before they were loaded."""
+    saved = Tiny(tmp_path / "checkpoints", size=3)
+    saved.train_step()
+    folder = saved.manager.save(1)
+    other = Tiny(tmp_path / "other", size=2)
+    other.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))]})
+    weights = other.model.weight.detach().clone()
+    with pytest.raises(UserError, match="optimizer covers 2 parameters in 1 groups"):
+        other.manager.load(folder)
+    assert torch.equal(other.model.weight, weights) and other.position.step == 0
+
+
+def test_a_part_joins_by_registration(tmp_path):
+    """A new stateful part (EMA weights, say) is saved and loaded by registering it."""
+    class Counter:
+        def __init__(self, value: int):
+            self.value = value
+
+        def state_dict(self) -> dict:
+            return {"value": self.value}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.value = state["value"]
+
+    saved = Tiny(tmp_path / "checkpoints")
+    saved.manager.register({"counter": checkpoint.Json(Counter(7), "training_state/counter.json")})
+    folder = saved.manager.save(3)
+    assert json.loads((folder / "training_state" / "counter.json").read_text()) == {"value": 7}
+    fresh, counter = Tiny(tmp_path / "other"), Counter(0)
+    fresh.manager.register({"counter": checkpoint.Json(counter, "training_state/counter.json")})
+    fresh.manager.load(folder)
+    assert counter.value == 7 and fresh.position.step == 3 and fresh.position.sample_position == 6
 
 
 SAVER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from robotrain import checkpoint, checkpoint_layout as layout
-    from safetensors.torch import save_file
+    from robotrain import checkpoint_layout as layout
+    from tests.tiny_checkpoints import Tiny
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    model(torch.randn(4, 512)).sum().backward(); optimizer.step()
-    def save_pretrained(folder):
-        save_file(model.state_dict(), str(Path(folder) / "model.safetensors"))
     latest = layout.latest(Path(sys.argv[1]))
     step = int(latest.name) if latest else 0
     while True:
         step += 1
-        checkpoint.save(Path(sys.argv[1]), step=step, total_steps=10**6, save_pretrained=save_pretrained,
-                        optimizer=optimizer, scheduler=scheduler, train_config={"step": step},
-                        training_step={}, sampler_state={}, fsync=False)
+        tiny = Tiny(Path(sys.argv[1]), size=512, total_steps=10**6, train_config={"step": step})
+        tiny.train_step()
+        tiny.manager.save(step)
         print(step, flush=True)
 """)
 
 
 def _loads(folder: Path) -> None:
-    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 512))
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    checkpoint.load_model_weights(model, folder / "pretrained_model")
-    checkpoint.load_training_state(folder, optimizer, scheduler)
+    Tiny(folder.parent, size=512).manager.load(folder)
 
 
 @pytest.mark.slow
@@ -175,7 +202,8 @@ def test_kill_during_saving_always_leaves_a_loadable_latest(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     rng = random.Random(0)
     for trial in range(12):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(checkpoints)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(checkpoints)], stdout=subprocess.PIPE, text=True,
+                                cwd=REPO_ROOT)
         first_saved = int(proc.stdout.readline())  # at least one save of this trial finished
         time.sleep(rng.uniform(0, 0.3))  # a random instant, mostly inside a save
         proc.send_signal(signal.SIGKILL)

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from robotrain import checkpoint, checkpoint_layout as layout
+from robotrain import checkpoint_layout as layout
 from tests.hub_emulator import wait_until
+from tests.tiny_checkpoints import Tiny
 
 pytest_plugins = ["tests.hub_fixtures"]
 
@@ -75,25 +74,11 @@ def run(hub, repo: str, body: str, *args, **kwargs) -> tuple:
 
 def save_checkpoint(run_dir: Path, step: int, total_steps: int = 30, *, marker: str = "run") -> Path:
     """A real (tiny) checkpoint in LeRobot's layout, plus a pickle file that must never be downloaded."""
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    model(torch.ones(1, 2)).sum().backward()
-    optimizer.step()
-    scheduler.step()
-
-    def save_pretrained(folder: Path) -> None:
-        (folder / "config.json").write_text(json.dumps({"type": "mlp", "step": step, "marker": marker}))
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
-
-    folder = checkpoint.save(
-        run_dir / "checkpoints", step=step, total_steps=total_steps, save_pretrained=save_pretrained,
-        optimizer=optimizer, scheduler=scheduler,
-        train_config={"policy": {"type": "mlp"}, "dataset": {"repo_id": DATASET}, "steps": total_steps,
-                      "saved_at": step, "marker": marker},
-        training_step={"num_processes": 1, "batch_size": 2, "global_batch_size": 2, "sample_position": 2 * step},
-        sampler_state={"seed": 0}, fsync=False,
-    )
+    tiny = Tiny(run_dir / "checkpoints", total_steps=total_steps, extra={"step": step, "marker": marker},
+                train_config={"policy": {"type": "mlp"}, "dataset": {"repo_id": DATASET}, "steps": total_steps,
+                              "saved_at": step, "marker": marker})
+    tiny.train_step()
+    folder = tiny.manager.save(step)
     (folder / layout.TRAINING_STATE / "extra.pt").write_bytes(b"\x80\x04 not for download")
     return folder
 

@@ -39,6 +39,7 @@ permutation itself.
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -48,6 +49,8 @@ import torch
 from torch.utils.data import Sampler
 
 from robotrain.errors import UserError
+
+log = logging.getLogger("robotrain")
 
 PERMUTATIONS = ("randperm", "feistel")
 STATE_VERSION = 1
@@ -350,6 +353,11 @@ class EpisodeAwareSampler(Sampler[int]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position saved by `state_dict`; refuse state from a different sampler."""
+        self.check_state_dict(state)
+        self._epoch, self._offset = state["epoch"], state["position"]
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Refuse (one line) a state saved by another sampler or for another dataset."""
         mine = self.state_dict()
         for key in ("version", "seed", "permutation", "shuffle", "drop_n_first_frames",
                     "drop_n_last_frames", "num_samples", "num_episodes"):
@@ -360,14 +368,13 @@ class EpisodeAwareSampler(Sampler[int]):
                     f"sampler state has {key}={state[key]!r} but this sampler has "
                     f"{key}={mine[key]!r}; resume with the same dataset and sampler settings"
                 )
-        epoch = _check_int(state.get("epoch"), "sampler state epoch")
+        _check_int(state.get("epoch"), "sampler state epoch")
         offset = _check_int(state.get("position"), "sampler state position")
         if offset > self.num_samples:
             raise UserError(
                 f"sampler state position {offset} exceeds num_samples {self.num_samples}; "
                 "the state does not belong to this dataset"
             )
-        self._epoch, self._offset = epoch, offset
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -421,3 +428,63 @@ class GlobalBatchSampler(Sampler[list[int]]):
         while True:
             yield self.batch(step)
             step += 1
+
+
+class DataPosition:
+    """Where a run stands in its data: the optimizer steps taken and the global sample position
+    they imply, for any number of processes. A checkpoint part (see `robotrain.checkpoint`):
+    training_step.json and sampler_state.json.
+
+    The position after step `s` is the position this run started from plus `(s - start step)`
+    global batches; a resumed run starts where its checkpoint stood, even if its global batch
+    differs from the one that got there. `batches(rank)` is the only place that arithmetic
+    lives (`GlobalBatchSampler.position_after`)."""
+
+    def __init__(self, sampler: EpisodeAwareSampler, batch_size: int, num_processes: int = 1,
+                 allow_changes: bool = False):
+        """`allow_changes`: resume without checking that the sampler and dataset are the saved ones."""
+        self.sampler, self.batch_size, self.num_processes = sampler, batch_size, num_processes
+        self.allow_changes = allow_changes
+        self.step = 0
+        self._start = (0, 0)  # (step, global sample position) this run started from
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_processes
+
+    def batches(self, rank: int) -> GlobalBatchSampler:
+        """Rank `rank`'s batches from where this run starts."""
+        return GlobalBatchSampler(self.sampler, self.batch_size, num_processes=self.num_processes, rank=rank,
+                                  start_position=self._start[1])
+
+    @property
+    def sample_position(self) -> int:
+        """The global sample position after `step` steps."""
+        return self.batches(0).position_after(self.step - self._start[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        position = self.sample_position
+        self.sampler.seek(position)
+        return {
+            "training_step": {"step": self.step, "num_processes": self.num_processes, "batch_size": self.batch_size,
+                              "global_batch_size": self.global_batch_size, "sample_position": position},
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.allow_changes:
+            self.sampler.check_state_dict(state["sampler"])  # refuses a changed dataset or sampler
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state["training_step"]
+        self.step = saved["step"]
+        self._start = (saved["step"], saved["sample_position"])
+        if not self.allow_changes:
+            self.sampler.load_state_dict(state["sampler"])
+        saved_global = saved.get("global_batch_size", self.global_batch_size)
+        if saved_global != self.global_batch_size:
+            log.warning(
+                "the global batch changes from %d (%d processes x %d) to %d (%d x %d): training continues at "
+                "sample %d of the same order, but its batches (and so the weights) differ from the original run's",
+                saved_global, saved.get("num_processes", 1), saved.get("batch_size", saved_global),
+                self.global_batch_size, self.num_processes, self.batch_size, saved["sample_position"])
