@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -306,6 +307,24 @@ def test_a_drain_that_runs_out_kills_the_upload_process_and_leaves_no_process_be
     assert len(seen["uploaders"]) == 1  # one upload process, stalled in its commit
     assert seen["after_close"] == []  # killed and reaped by close(): no zombie
     assert not psutil.pid_exists(seen["uploaders"][0])  # and no orphan once the pusher's process is gone
+
+
+def test_the_upload_child_imports_neither_torch_nor_hydra_nor_the_config():
+    """The child started as the pusher starts it: what it has imported once it serves a call."""
+    code = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO_ROOT)!r})
+        from robotrain.hub.upload import UploadProcess
+        uploads = UploadProcess()
+        try:
+            print(json.dumps(uploads.call(eval, "sorted(__import__('sys').modules)")))
+        finally:
+            uploads.stop()
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    modules = json.loads(done.stdout)
+    assert "robotrain.hub.upload" in modules  # the child answered, not this test's process
+    assert [m for m in modules if m.split(".")[0] in ("torch", "hydra", "omegaconf") or m == "robotrain.config"] == []
 
 
 def test_the_upload_process_starts_at_the_first_upload_niced_without_torch_and_close_ends_it(hub, hub_repo,
