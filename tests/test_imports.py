@@ -96,3 +96,14 @@ def test_policies_build_and_load_from_local_folders_only():
     graph = import_graph()
     assert not {m: graph[m] & {"robotrain.hub", "robotrain.pretrained"}
                 for m in graph if m.startswith("robotrain.policies") and graph[m] & {"robotrain.hub", "robotrain.pretrained"}}
+
+
+def test_the_lerobot_format_modules_are_layered():
+    """statistics (numpy only) <- metadata <- reading; writing uses metadata and statistics. Reading
+    never pulls in the writer (nor the writer the reader), so either can change alone."""
+    graph = import_graph()
+    data = {m: {d for d in graph[f"robotrain.data.{m}"] if d.startswith("robotrain.data.")}
+            for m in ("statistics", "metadata", "reading", "writing")}
+    assert data["statistics"] == set()
+    assert not data["metadata"] & {"robotrain.data.reading", "robotrain.data.writing"}
+    assert "robotrain.data.writing" not in data["reading"] and "robotrain.data.reading" not in data["writing"]
