@@ -46,7 +46,8 @@ from torch.utils.data import default_collate  # noqa: E402
 
 from robotrain import checkpoint, checkpoint_layout as layout, data, policies, strategy  # noqa: E402
 from robotrain.config import to_dict  # noqa: E402
-from robotrain.data.lerobot_format import LeRobotDataset, load_meta  # noqa: E402
+from robotrain.data.metadata import load_meta  # noqa: E402
+from robotrain.data.reading import LeRobotDataset  # noqa: E402
 from robotrain.data.sampler import DataPosition, EpisodeAwareSampler  # noqa: E402
 from robotrain.optim import make_optimizer, make_scheduler  # noqa: E402
 

@@ -64,7 +64,8 @@ import torch  # noqa: E402
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler  # noqa: E402
 
 from robotrain import data, policies  # noqa: E402
-from robotrain.data.lerobot_format import LeRobotDataset, load_meta  # noqa: E402
+from robotrain.data.metadata import load_meta  # noqa: E402
+from robotrain.data.reading import LeRobotDataset  # noqa: E402
 from robotrain.train import train  # noqa: E402
 
 

@@ -3,7 +3,7 @@ memory over an epoch, and data-loader wait in training, measured side by side in
 
     python benchmarks/video.py [--quick] [--workdir DIR] [--only throughput memory train]
 
-Datasets are generated once with `robotrain.data.lerobot_format.write_dataset` (AV1 MP4 with
+Datasets are generated once with `robotrain.data.writing.write_dataset` (AV1 MP4 with
 LeRobot's encoder settings; deterministic drifting gradients, a texture and moving shapes) into
 `--workdir` (default `<tmp>/robotrain-bench-video`) and reused by later runs; the reference
 dataset written by LeRobot 0.6.1 is tests/data/lerobot_v3_video. Default run ~8 min on 2 cores
@@ -71,8 +71,10 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from robotrain.data.lerobot_format import LeRobotDataset, load_meta, write_dataset  # noqa: E402
+from robotrain.data.metadata import load_meta  # noqa: E402
+from robotrain.data.reading import LeRobotDataset  # noqa: E402
 from robotrain.data.video import DEFAULT_DECODER_CACHE_SIZE  # noqa: E402
+from robotrain.data.writing import write_dataset  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "tests" / "data" / "lerobot_v3_video"

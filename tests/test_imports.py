@@ -88,7 +88,7 @@ def test_robotrain_modules_import_each_other_without_cycles():
 def test_the_check_sees_a_cycle_through_an_import_inside_a_function():
     a = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert cycles(a) == [["a", "b", "c"]]
-    assert "robotrain.data.lerobot_format" in import_graph()["robotrain.data"]  # inside a function there
+    assert "robotrain.data.reading" in import_graph()["robotrain.data"]  # inside a function there
 
 
 def test_policies_build_and_load_from_local_folders_only():
@@ -100,3 +100,14 @@ def test_policies_build_and_load_from_local_folders_only():
 
     assert not {m: sorted(filter(downloads, graph[m]))
                 for m in graph if m.startswith("robotrain.policies") and any(map(downloads, graph[m]))}
+
+
+def test_the_lerobot_format_modules_are_layered():
+    """statistics (numpy only) <- metadata <- reading; writing uses metadata and statistics. Reading
+    never pulls in the writer (nor the writer the reader), so either can change alone."""
+    graph = import_graph()
+    data = {m: {d for d in graph[f"robotrain.data.{m}"] if d.startswith("robotrain.data.")}
+            for m in ("statistics", "metadata", "reading", "writing")}
+    assert data["statistics"] == set()
+    assert not data["metadata"] & {"robotrain.data.reading", "robotrain.data.writing"}
+    assert "robotrain.data.writing" not in data["reading"] and "robotrain.data.reading" not in data["writing"]

@@ -1,4 +1,5 @@
-"""Specification of robotrain.data.lerobot_format: read LeRobot v3.0/v2.1, write v3.0.
+"""Specification of reading LeRobot v3.0/v2.1 and writing v3.0 (robotrain.data.metadata,
+statistics, reading, writing).
 
 `tests/data/lerobot_v3_tiny` was written by LeRobot 0.4.4 itself (LeRobotDataset.create +
 add_frame + save_episode + finalize). Its content is a formula (see `state`, `action`, `image`
@@ -22,7 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
-from robotrain.data.lerobot_format import LeRobotDataset, aggregate_stats, load_meta, write_dataset
+from robotrain.data.metadata import load_meta
+from robotrain.data.reading import LeRobotDataset
+from robotrain.data.statistics import aggregate_stats
+from robotrain.data.writing import write_dataset
 from robotrain.errors import UserError
 
 REFERENCE = Path(__file__).parent / "data" / "lerobot_v3_tiny"

@@ -169,7 +169,7 @@ def test_each_policys_lora_default_trains_the_expected_parameters(policy_type):
     import re
 
     from robotrain.config import PeftConfig, parse
-    from robotrain.data.lerobot_format import load_meta
+    from robotrain.data.metadata import load_meta
 
     meta = load_meta(Path(__file__).parent / "data" / "lerobot_v3_tiny")
     cfg = parse({"policy": {"type": policy_type, **TINY_POLICIES[policy_type], "pretrained_path": "x"},
@@ -194,7 +194,7 @@ def test_every_adapter_parameter_gets_a_gradient(policy_type, targets):
 
     from robotrain.config import PeftConfig, parse
     from robotrain.data import LeRobotDataset
-    from robotrain.data.lerobot_format import load_meta
+    from robotrain.data.metadata import load_meta
 
     root = Path(__file__).parent / "data" / "lerobot_v3_tiny"
     meta = load_meta(root)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from robotrain import policies
 from robotrain.config import SYNTHETIC_REPO_ID, parse
 from robotrain.data import synthetic
-from robotrain.data.lerobot_format import LeRobotDataset
+from robotrain.data.reading import LeRobotDataset
 from robotrain.errors import UserError
 from robotrain.eval import observation_to_batch
 from robotrain.policies.diffusion import DiffusionConfig, DiffusionPolicy, make_noise_scheduler

@@ -10,7 +10,7 @@ import torch
 from robotrain import policies
 from robotrain.config import SYNTHETIC_REPO_ID, parse
 from robotrain.data import synthetic
-from robotrain.data.lerobot_format import LeRobotDataset
+from robotrain.data.reading import LeRobotDataset
 from robotrain.eval import observation_to_batch
 
 

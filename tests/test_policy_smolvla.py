@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from robotrain.config import SYNTHETIC_REPO_ID
 from robotrain import policies
 from robotrain.data import synthetic
-from robotrain.data.lerobot_format import LeRobotDataset
+from robotrain.data.reading import LeRobotDataset
 from robotrain.errors import UserError
 from robotrain.eval import observation_to_batch
 from tests.conftest import REPO_ROOT, assert_one_line_error

@@ -10,7 +10,7 @@ import pytest
 
 from robotrain.config import SYNTHETIC_REPO_ID
 from robotrain.data import synthetic
-from robotrain.data.lerobot_format import LeRobotDataset
+from robotrain.data.reading import LeRobotDataset
 
 SPEC = synthetic.SyntheticSpec(num_episodes=6, seed=3, image_size=16)
 

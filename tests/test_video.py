@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 from robotrain.data import LeRobotDataset
-from robotrain.data.lerobot_format import load_meta, write_dataset
+from robotrain.data.metadata import load_meta
 from robotrain.data.video import DecoderCache
+from robotrain.data.writing import write_dataset
 from robotrain.errors import UserError
 
 DATA = Path(__file__).parent / "data"

@@ -1,6 +1,7 @@
-"""Datasets: where they come from (`prepare`; Hub downloads in `fetch`), how they are read
-(`lerobot_format`, cameras stored as video in `video`), the order frames are drawn in
-(`sampler`), batches (`loader`), and the embedded task (`synthetic`)."""
+"""Datasets: where they come from (`prepare`; Hub downloads in `fetch`), the LeRobot format
+(`metadata`, `statistics`, frames read by `reading` and written by `writing`, cameras stored as
+video in `video`), the order frames are drawn in (`sampler`), batches (`loader`), and the
+embedded task (`synthetic`)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def prepare(cfg: DatasetConfig) -> Path:
 
 def load_meta(root: Path, repo_id: str | None = None):
     """The dataset's metadata (info, episodes, tasks, stats), read once per run and shared."""
-    from robotrain.data.lerobot_format import load_meta
+    from robotrain.data.metadata import load_meta
 
     return load_meta(root, repo_id)
 
@@ -43,7 +44,7 @@ def open_dataset(cfg: DatasetConfig, meta, delta_timestamps: dict[str, list[floa
     """The dataset `meta` describes (from `load_meta`), as `cfg` selects it, for training: camera
     frames stay uint8 until the training device (`loader.to_device`); video is decoded on the
     CPU, or on `device` (the training device) with `dataset.video_device=cuda`."""
-    from robotrain.data.lerobot_format import LeRobotDataset
+    from robotrain.data.reading import LeRobotDataset
 
     return LeRobotDataset(
         cfg.repo_id, meta.root, episodes=cfg.episodes, delta_timestamps=delta_timestamps,
@@ -58,7 +59,7 @@ def __getattr__(name: str):
     # `robotrain.data.LeRobotDataset`, the public home, imported on first use: reading the
     # package (config, dispatch) must not pull in pyarrow and the video decoders.
     if name == "LeRobotDataset":
-        from robotrain.data.lerobot_format import LeRobotDataset
+        from robotrain.data.reading import LeRobotDataset
 
         return LeRobotDataset
     raise AttributeError(f"module 'robotrain.data' has no attribute {name!r}")

@@ -51,7 +51,7 @@ class _Failed:
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """A batch on `device`, uint8 camera frames converted to float32 in [0, 1] there (the
     dataset returns no other uint8 feature: integers are int64, as in LeRobot)."""
-    from robotrain.data.lerobot_format import to_float
+    from robotrain.data.reading import to_float
 
     moved = {}
     for key, value in batch.items():

@@ -159,7 +159,7 @@ def ensure_dataset(spec: SyntheticSpec, root: Path | None = None) -> Path:
     different spec never reuses another's data. Generation writes atomically (the writer
     builds in a temporary folder), so concurrent or interrupted runs never see half a dataset.
     """
-    from robotrain.data.lerobot_format import write_dataset
+    from robotrain.data.writing import write_dataset
 
     from robotrain.config import SYNTHETIC_REPO_ID
     from robotrain.errors import UserError
