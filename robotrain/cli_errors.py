@@ -65,8 +65,12 @@ def one_line_errors() -> Iterator[None]:
 
 
 def condense(text: str) -> str:
-    """The gist of a Hydra composition error, on one line."""
+    """The gist of a Hydra composition error, or of a `UserError` Hydra caught, on one line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # A UserError raised inside Hydra (by the sweep launcher) reaches here as Hydra's printed traceback.
+    raised = re.findall(r"^robotrain\.errors\.UserError: (.+)$", text, re.M)
+    if raised:
+        return raised[-1]
     usage = re.search(r"^\S+: error: (.+)$", text, re.M)  # argparse, before Hydra sees anything
     if text.startswith("usage:") and usage:
         return f"{usage.group(1)} (flags such as -m go before the overrides; see --help)"

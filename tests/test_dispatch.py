@@ -90,6 +90,12 @@ def test_bad_job_config_is_one_line_and_submits_nothing(cli, tmp_path, case):
     assert not (tmp_path / "run" / ".submitit").exists()
 
 
+def test_bad_sweep_point_is_one_line_and_runs_nothing(cli, tmp_path):
+    done = cli.run("-m", "job=local,hf", "steps=1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert_one_line_error(done, "sweep point #1 (job=hf steps=1): job=hf needs an image")
+    assert not (tmp_path / "sweep" / "0").exists()
+
+
 def test_job_config_checks_each_field_on_its_own():
     with pytest.raises(UserError, match="job.secrets"):
         JobConfig(secrets=["MY=VALUE"])

@@ -137,14 +137,12 @@ def _sets_prefix(override: str, prefix: str) -> bool:
 
 def _job_config(config, idx: int, overrides: list[str]) -> JobConfig:
     """The typed `job` node; an app without one (e.g. Hydra's launcher test suite) runs locally."""
-    from robotrain.cli_errors import fail
-
     if "job" not in config:
         return LocalJob()
     try:
         return parse_job(config.job)
     except UserError as err:
-        fail(f"sweep point #{idx} ({' '.join(overrides)}): {err}")
+        raise UserError(f"sweep point #{idx} ({' '.join(overrides)}): {err}") from None
 
 
 def _run_group(group: list) -> dict[int, Any]:
