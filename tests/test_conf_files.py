@@ -9,11 +9,13 @@ a policy's YAML lists every field of its config class, and here each must equal 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.singleton import Singleton
 from omegaconf import OmegaConf
 
 from robotrain.config import JOB_SCHEMAS, TrainConfig, conf_dir, field_default, register_configs
@@ -78,9 +80,13 @@ def default_options() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def composer():
+    # Hydra's globals (its version base, the ConfigStore) outlive `initialize_config_dir`; Hydra's own
+    # launcher test suite, run later in this process, needs them as they were.
+    state = copy.deepcopy(Singleton.get_state())
     register_configs()
     with initialize_config_dir(version_base=None, config_dir=str(CONF)):
         yield lambda *overrides: OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=False)
+    Singleton.set_state(state)
 
 
 @pytest.mark.parametrize("path", SCHEMA_FILES, ids=_rel)
