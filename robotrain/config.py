@@ -1,8 +1,10 @@
 """Config schemas for one training run, and the validation that guards them.
 
 Every group of `conf/` has a dataclass here; Hydra composes the YAML files against
-these schemas (registered in Hydra's ConfigStore by `register_configs`), and `parse`
-turns the composed `DictConfig` into typed, validated objects. Validation happens in
+these schemas (registered in Hydra's ConfigStore by `register_configs`), so a YAML file
+states only what differs from its schema (tests/test_conf_files.py), and `parse` turns
+the composed `DictConfig` into typed, validated objects. The `job` group has one schema
+per option (`JOB_SCHEMAS`); `parse_job` validates a job node on its own. Validation happens in
 `__post_init__`, at the bad value, and raises `UserError` with a one-line message that
 names the fix.
 
