@@ -65,14 +65,19 @@ def one_line_errors() -> Iterator[None]:
 
 
 def condense(text: str) -> str:
-    """The gist of a Hydra composition error, on one line."""
+    """The gist of a Hydra composition error, or of a `UserError` Hydra caught, on one line."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
+    # A UserError raised inside Hydra (by the sweep launcher) reaches here as Hydra's printed traceback.
+    raised = re.findall(r"^robotrain\.errors\.UserError: (.+)$", text, re.M)
+    if raised:
+        return raised[-1]
     usage = re.search(r"^\S+: error: (.+)$", text, re.M)  # argparse, before Hydra sees anything
     if text.startswith("usage:") and usage:
         return f"{usage.group(1)} (flags such as -m go before the overrides; see --help)"
     if "Available options in" in text:
         start = next(i for i, line in enumerate(lines) if line.startswith("Available options in"))
-        options = [line for line in lines[start + 1:] if not line.startswith(_NOISE) and ":" not in line]
+        options = [line for line in lines[start + 1:] if not line.startswith(_NOISE) and ":" not in line
+                   and not line.endswith("_schema")]  # the schemas options start from, not options
         missing = re.search(r"Could not find '([^']+)/([^']+)'", text)
         if missing:
             group, option = missing.groups()
@@ -81,6 +86,13 @@ def condense(text: str) -> str:
     if match and "reference_type=Dict" in text:  # a new key inside a dict field (e.g. job.env)
         key = match.group(1)
         return f"{key} is a dict: add new keys one at a time with +{key}.<name>=<value>"
+    misplaced = re.search(r"Key '([^']+)' not in '([^']+)'", text)
+    if match and misplaced and match.group(1).startswith("job."):  # another target's setting
+        from robotrain.config import misplaced_job_field
+
+        hint = misplaced_job_field(*misplaced.groups())
+        if hint:
+            return hint
     if match and re.search(r"Key '[^']+' (is )?not in", text):
         return f"unknown config key {match.group(1)!r}; check its spelling (python -m robotrain --cfg job lists every key)"
     useful = [line.removeprefix("In 'config': ") for line in lines if not line.startswith(_NOISE)]

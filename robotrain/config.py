@@ -1,8 +1,10 @@
 """Config schemas for one training run, and the validation that guards them.
 
 Every group of `conf/` has a dataclass here; Hydra composes the YAML files against
-these schemas (registered in Hydra's ConfigStore by `register_configs`), and `parse`
-turns the composed `DictConfig` into typed, validated objects. Validation happens in
+these schemas (registered in Hydra's ConfigStore by `register_configs`), so a YAML file
+states only what differs from its schema (tests/test_conf_files.py), and `parse` turns
+the composed `DictConfig` into typed, validated objects. The `job` group has one schema
+per option (`JOB_SCHEMAS`); `parse_job` validates a job node on its own. Validation happens in
 `__post_init__`, at the bad value, and raises `UserError` with a one-line message that
 names the fix.
 
@@ -17,7 +19,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Mapping, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -224,9 +226,11 @@ def timeout_seconds(value: str | int | float) -> float:
 
 @dataclass
 class JobConfig:
-    """Where the run executes: here, on a SLURM cluster (submitit) or on Hugging Face Jobs.
+    """Where the run executes: the settings every target shares.
 
-    SLURM fields keep hydra-submitit-launcher's names (its SlurmQueueConf)."""
+    Each option of the `job` group has its own schema, a subclass registered in Hydra's ConfigStore
+    (`JOB_SCHEMAS`), so a setting of another target is refused where it is typed. SLURM fields keep
+    hydra-submitit-launcher's names (its SlurmQueueConf)."""
 
     target: str = "local"
     """`local` trains in this process; `slurm` and `hf` submit the run and follow it."""
@@ -240,12 +244,50 @@ class JobConfig:
     """NAMES of environment variables whose values are passed to the job as secrets (never the values)."""
     env: dict[str, str] = field(default_factory=dict)
     """Plain (non-secret) environment variables for the job."""
-    image: Optional[str] = None
-    """Docker image with robotrain installed (HF Jobs)."""
-    flavor: str = "cpu-basic"
-    """HF Jobs hardware flavor, e.g. cpu-basic, t4-small, a10g-small, a100-large."""
-    namespace: Optional[str] = None
-    """HF Jobs namespace (user or org); unset: the token's user."""
+
+    #: How a field of this schema is named in an error, e.g. "a SLURM setting".
+    described_as: ClassVar[str] = "a job setting"
+
+    def __post_init__(self) -> None:
+        _require(self.target in JOB_SCHEMAS, f"job.target must be local, slurm or hf, got {self.target!r}")
+        # A job running where it was sent sets job.target=local; any other target needs its own schema.
+        _require(self.target in ("local", type(self).target), f"job.target={self.target} needs job={self.target}")
+        if self.timeout is not None:
+            timeout_seconds(self.timeout)
+        self._check_names()
+
+    def _check_names(self) -> None:
+        for name in self.secrets:
+            _require("=" not in name and not name.startswith("hf_") and bool(_ENV_NAME.match(name)),
+                     "job.secrets lists NAMES of environment variables, never values: export the value, "
+                     "then pass e.g. job.secrets=[HF_TOKEN]")
+        for name in self.env:
+            _require(bool(_ENV_NAME.match(name)), f"job.env key {name!r} is not an environment variable name")
+        for name in self.env:
+            _require(name not in self.secrets, f"{name} is in both job.env and job.secrets; keep it in job.secrets only")
+
+    @property
+    def is_remote(self) -> bool:
+        return self.target != "local"
+
+    @property
+    def shares_run_dir(self) -> bool:
+        """The job runs in a run dir chosen here, on a filesystem it shares with this machine (SLURM);
+        an HF Job picks its own."""
+        return self.target == "slurm"
+
+
+@dataclass
+class LocalJob(JobConfig):
+    """`job=local`: train in this process, on this machine."""
+
+
+@dataclass
+class SlurmJob(JobConfig):
+    """`job=slurm`: submit to a SLURM cluster through submitit."""
+
+    target: str = "slurm"
+    """`slurm` submits the run; `local` trains here (what the submitted job itself runs)."""
     submitit_folder: Optional[str] = None
     """Folder for submitit's job files and logs; unset: `<run or sweep dir>/.submitit/%j`."""
     partition: Optional[str] = None
@@ -277,48 +319,13 @@ class JobConfig:
     setup: list[str] = field(default_factory=list)
     """Shell lines run in the sbatch script before the job (module load, conda activate...)."""
 
+    described_as: ClassVar[str] = "a SLURM setting"
+
     def __post_init__(self) -> None:
-        _require(self.target in ("local", "slurm", "hf"), f"job.target must be local, slurm or hf, got {self.target!r}")
-        if self.timeout is not None:
-            timeout_seconds(self.timeout)
-        self._check_names()
+        super().__post_init__()
         _require(self.nodes >= 1 and self.tasks_per_node >= 1, "job.nodes and job.tasks_per_node must be >= 1")
         _require(self.array_parallelism >= 1, f"job.array_parallelism must be >= 1, got {self.array_parallelism}")
         _require(self.timeout_min is None or self.timeout_min > 0, f"job.timeout_min must be > 0, got {self.timeout_min}")
-        if self.target == "hf":
-            _require(bool(self.image), "job=hf needs an image with robotrain installed: add job.image=<docker image>")
-            from huggingface_hub import JobHardware
-
-            flavors = [f.value for f in JobHardware]
-            _require(self.flavor in flavors, f"job.flavor {self.flavor!r} is not an HF Jobs flavor; choose one of: "
-                     f"{', '.join(flavors)}")
-            misplaced = [name for name in _SLURM_FIELDS if getattr(self, name) != _JOB_DEFAULTS[name]]
-            if misplaced:
-                raise UserError(f"job.{misplaced[0]} is a SLURM setting and does nothing with job=hf; drop it "
-                                "(or use job=slurm)")
-        if self.target == "slurm":
-            _require(self.image is None, "job.image is an HF Jobs setting and does nothing with job=slurm; drop it "
-                     "(set up the environment with job.setup=[...])")
-
-    def _check_names(self) -> None:
-        for name in self.secrets:
-            _require("=" not in name and not name.startswith("hf_") and bool(_ENV_NAME.match(name)),
-                     "job.secrets lists NAMES of environment variables, never values: export the value, "
-                     "then pass e.g. job.secrets=[HF_TOKEN]")
-        for name in self.env:
-            _require(bool(_ENV_NAME.match(name)), f"job.env key {name!r} is not an environment variable name")
-        for name in self.env:
-            _require(name not in self.secrets, f"{name} is in both job.env and job.secrets; keep it in job.secrets only")
-
-    @property
-    def is_remote(self) -> bool:
-        return self.target != "local"
-
-    @property
-    def shares_run_dir(self) -> bool:
-        """The job runs in a run dir chosen here, on a filesystem it shares with this machine (SLURM);
-        an HF Job picks its own."""
-        return self.target == "slurm"
 
     @property
     def slurm_timeout_min(self) -> int:
@@ -327,11 +334,64 @@ class JobConfig:
         return max(1, int(timeout_seconds(self.timeout) // 60)) if self.timeout else 60
 
 
-_SLURM_FIELDS = ("partition", "nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min",
-                 "account", "qos", "constraint", "additional_parameters", "setup", "submitit_folder")
+@dataclass
+class HfJob(JobConfig):
+    """`job=hf`: submit to Hugging Face Jobs."""
+
+    target: str = "hf"
+    """`hf` submits the run; `local` trains here (what the submitted job itself runs)."""
+    image: Optional[str] = None
+    """Docker image with robotrain installed (HF Jobs)."""
+    flavor: str = "cpu-basic"
+    """HF Jobs hardware flavor, e.g. cpu-basic, t4-small, a10g-small, a100-large."""
+    namespace: Optional[str] = None
+    """HF Jobs namespace (user or org); unset: the token's user."""
+
+    described_as: ClassVar[str] = "an HF Jobs setting"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target != "hf":  # the submitted job itself (job.target=local) needs no image
+            return
+        _require(bool(self.image), "job=hf needs an image with robotrain installed: add job.image=<docker image>")
+        from huggingface_hub import JobHardware
+
+        flavors = [f.value for f in JobHardware]
+        _require(self.flavor in flavors, f"job.flavor {self.flavor!r} is not an HF Jobs flavor; choose one of: "
+                 f"{', '.join(flavors)}")
 
 
-_JOB_DEFAULTS = {f.name: field_default(f) for f in dataclasses.fields(JobConfig)}
+#: The `job` group's options (each also a `job.target` value) and their schemas.
+JOB_SCHEMAS: dict[str, type[JobConfig]] = {"local": LocalJob, "slurm": SlurmJob, "hf": HfJob}
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def job_schema(node: Mapping[str, Any]) -> type[JobConfig]:
+    """The schema of a `job` node: that of the `job` option it was composed from (its type when Hydra
+    composed it, else told by its fields). A `local` node takes the schema of its `job.target`, so
+    `job.target=slurm|hf` alone dispatches a run with that target's defaults."""
+    composed = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if composed in JOB_SCHEMAS.values() and composed is not LocalJob:
+        return composed
+    own = set(node) - _field_names(JobConfig)
+    fitting = [cls for cls in JOB_SCHEMAS.values() if own <= _field_names(cls)]
+    if composed is LocalJob or not own or not fitting:  # not fitting: validation names the stray field
+        return JOB_SCHEMAS.get(node.get("target"), LocalJob)
+    return fitting[0]
+
+
+def misplaced_job_field(key: str, schema_name: str) -> Optional[str]:
+    """The one-line fix for `job.<key>` given to the job schema named `schema_name`, which lacks it;
+    None when no job option has that field (a misspelling, reported as an unknown key)."""
+    given = next((name for name, cls in JOB_SCHEMAS.items() if cls.__name__ == schema_name), None)
+    owner = next((name for name, cls in JOB_SCHEMAS.items() if key in _field_names(cls)), None)
+    if given is None or owner is None:
+        return None
+    verb = "add" if given == "local" else "use"
+    return f"job.{key} is {JOB_SCHEMAS[owner].described_as}, which job={given} does not have: {verb} job={owner}, or drop it"
 
 
 @dataclass
@@ -527,26 +587,32 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Register the schema Hydra composes `conf/config.yaml` against (the --help text's
-    resolvers are `robotrain.help.register_resolvers`)."""
+    """Register the schemas Hydra composes `conf/` against: the run's, and each job option's (the
+    --help text's resolvers are `robotrain.help.register_resolvers`)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="robotrain_schema", node=TrainConfig)
+    store = ConfigStore.instance()
+    store.store(name="robotrain_schema", node=TrainConfig)
+    for name, schema in JOB_SCHEMAS.items():  # conf/job/<name>.yaml starts from its schema
+        store.store(group="job", name=f"{name}_schema", node=schema)
 
 
 def parse(cfg: DictConfig | dict) -> TrainConfig:
     """Validate a composed config into typed objects; raises `UserError` on bad input."""
     from robotrain.policies import policy_config_class
 
+    node = OmegaConf.create(cfg)
     try:
-        raw = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True, throw_on_missing=True)
+        raw = OmegaConf.to_container(node, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         raise UserError(_omegaconf_message(err, "config")) from None
     policy_raw = raw.pop("policy", None)
     if not isinstance(policy_raw, dict) or "type" not in policy_raw:
         raise UserError("no policy selected: pass policy=<name>, e.g. policy=mlp")
     policy_cls = policy_config_class(policy_raw["type"])
-    train = _typed(TrainConfig, raw, where="config")
+    schema = OmegaConf.structured(TrainConfig)
+    schema.job = OmegaConf.structured(job_schema(node.get("job") or {}))
+    train = _typed(schema, raw, where="config")
     train.policy = _typed(policy_cls, policy_raw, where="policy")
     # Here, before a policy fetches a tokenizer or backbone weights it would not be adapted from.
     _require(train.peft.method == "none" or bool(train.policy.pretrained_path),
@@ -554,15 +620,21 @@ def parse(cfg: DictConfig | dict) -> TrainConfig:
     return train
 
 
-def parse_job(values: dict) -> JobConfig:
-    """Validate a composed `job` node alone (a sweep point's, before its run is planned)."""
-    return _typed(JobConfig, values, where="job")
-
-
-def _typed(cls: type, values: dict, where: str) -> Any:
-    """Merge plain values into the dataclass schema `cls` and build it (running validation)."""
+def parse_job(node: Mapping[str, Any]) -> JobConfig:
+    """Validate a `job` node alone (a sweep point's, before its run is planned), against the schema
+    of the option it was composed from (`job_schema`)."""
     try:
-        node = OmegaConf.merge(OmegaConf.structured(cls), values)
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    except OmegaConfBaseException as err:
+        raise UserError(_omegaconf_message(err, "job")) from None
+    return _typed(job_schema(node), values, where="job")
+
+
+def _typed(schema: Any, values: dict, where: str) -> Any:
+    """Merge plain values into a dataclass schema (a class or its structured node) and build it
+    (running validation)."""
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(schema), values)
         return OmegaConf.to_object(node)
     except OmegaConfBaseException as err:
         raise UserError(_omegaconf_message(err, where)) from None
@@ -574,6 +646,11 @@ def _omegaconf_message(err: OmegaConfBaseException, where: str) -> str:
     if isinstance(err, MissingMandatoryValue):
         return f"{key} must be set: pass {key}=<value>"
     if "not in struct" in first or "Key '" in first and "not in" in first:
+        leaf, schema = getattr(err, "key", None), getattr(err, "object_type", None)
+        in_job = isinstance(schema, type) and issubclass(schema, JobConfig)
+        misplaced = in_job and misplaced_job_field(str(leaf), schema.__name__)
+        if misplaced:
+            return misplaced
         return f"unknown {where} field {key!r}; check the spelling (python -m robotrain --cfg job lists the fields)"
     return f"bad value for {where} field {key!r}: {first}"
 

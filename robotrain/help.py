@@ -59,10 +59,13 @@ def groups_text(conf_dir: Path) -> str:
 
 
 def options_text(policy_type: str) -> str:
-    from robotrain.config import TrainConfig
+    from robotrain.config import JOB_SCHEMAS, TrainConfig
     from robotrain.policies import policy_config_class
 
-    rows = [(k, d) for k, d in options(TrainConfig) if not k.startswith("policy")]
+    rows = [(k, d) for k, d in options(TrainConfig) if not k.startswith(("policy", "job."))]
+    # Every job option's fields: each `job=<option>` has its own schema (the first describes a shared field).
+    job_rows = dict(reversed([row for schema in JOB_SCHEMAS.values() for row in options(schema, "job.")]))
+    rows += list(job_rows.items())
     try:
         rows += options(policy_config_class(policy_type), "policy.")
     except Exception:  # an unknown policy type is reported when training starts, not in --help

@@ -96,6 +96,10 @@ def merged_config(point: ResumePoint, composed: DictConfig, task_overrides: Sequ
     """The checkpoint's train_config.json with this command line's overrides on top."""
     saved = layout.read_json(point.checkpoint_dir / layout.PRETRAINED / layout.TRAIN_CONFIG)
     base = OmegaConf.create(saved)
+    # Where the run executes is this command's choice, not the run's; and a job node saved by an older
+    # robotrain (one flat schema for every target) would not fit any of today's job schemas.
+    if "job" in composed:
+        OmegaConf.update(base, "job", composed.job, merge=False, force_add=True)
     merged = apply_overrides(base.copy(), composed, task_overrides)
     if not merged.resume.allow_changes:
         _refuse_exactness_changes(base, merged)

@@ -3,11 +3,12 @@ JobConfig's one-line errors."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from robotrain.config import JobConfig
+from robotrain.config import JobConfig, LocalJob, SlurmJob, parse_job
 from robotrain.dispatch import Point, with_resume_auto
 from robotrain.distributed import first_host, world_env_from_slurm
 from robotrain.errors import UserError
@@ -59,9 +60,9 @@ def test_array_tasks_get_different_rendezvous_ports():
 
 
 def test_slurm_timeout_comes_from_timeout_when_timeout_min_is_unset():
-    assert JobConfig(target="slurm", timeout="2h").slurm_timeout_min == 120
-    assert JobConfig(target="slurm", timeout="2h", timeout_min=30).slurm_timeout_min == 30
-    assert JobConfig(target="slurm").slurm_timeout_min == 60
+    assert SlurmJob(timeout="2h").slurm_timeout_min == 120
+    assert SlurmJob(timeout="2h", timeout_min=30).slurm_timeout_min == 30
+    assert SlurmJob().slurm_timeout_min == 60
 
 
 BAD_JOBS = {
@@ -72,6 +73,9 @@ BAD_JOBS = {
     "token given as a secret": (["job=hf", "job.image=img", "job.secrets=[hf_abcdefgh]"], "never values"),
     "slurm field on hf": (["job=hf", "job.image=img", "job.partition=gpu"], "job.partition is a SLURM setting"),
     "image on slurm": (["job=slurm", "job.image=img"], "job.image is an HF Jobs setting"),
+    "slurm field on local": (["job.partition=gpu"], "job.partition is a SLURM setting, which job=local does not "
+                             "have: add job=slurm"),
+    "other target than the option's": (["job=slurm", "job.target=hf"], "job.target=hf needs job=hf"),
     "bad env name": (["job=slurm", "+job.env.bad-name=x"], "not an environment variable name"),
     "zero nodes": (["job=slurm", "job.nodes=0"], "job.nodes"),
 }
@@ -86,6 +90,22 @@ def test_bad_job_config_is_one_line_and_submits_nothing(cli, tmp_path, case):
     assert not (tmp_path / "run" / ".submitit").exists()
 
 
+def test_bad_sweep_point_is_one_line_and_runs_nothing(cli, tmp_path):
+    done = cli.run("-m", "job=local,hf", "steps=1", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert_one_line_error(done, "sweep point #1 (job=hf steps=1): job=hf needs an image")
+    assert not (tmp_path / "sweep" / "0").exists()
+
+
 def test_job_config_checks_each_field_on_its_own():
     with pytest.raises(UserError, match="job.secrets"):
         JobConfig(secrets=["MY=VALUE"])
+
+
+def test_job_target_alone_dispatches_with_that_targets_defaults():
+    assert parse_job({"target": "slurm"}) == SlurmJob()
+    assert type(parse_job({})) is LocalJob
+
+
+def test_a_submitted_job_keeps_its_options_schema_and_runs_locally():
+    job = parse_job({**dataclasses.asdict(SlurmJob(partition="gpu")), "target": "local"})
+    assert isinstance(job, SlurmJob) and job.partition == "gpu" and not job.is_remote

@@ -62,9 +62,9 @@ def test_a_job_can_be_cancelled(hub):
     hub.reset()
     state = hub.run_json("""
         import json
-        from robotrain.config import JobConfig
+        from robotrain.config import HfJob
         from robotrain.dispatch import Point, submit
-        job = JobConfig(target="hf", image="img", env={"ROBOTRAIN_CACHE": "/nonexistent"})
+        job = HfJob(image="img", env={"ROBOTRAIN_CACHE": "/nonexistent"})
         (handle,) = submit([Point(["steps=100000"], None)], job)
         handle.cancel()
         outcome = handle.wait(poll_s=0.1)

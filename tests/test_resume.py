@@ -152,3 +152,23 @@ def test_resume_applies_overrides_on_top_of_the_saved_config(cli, reference, tmp
     config = json.loads((run_dir / "checkpoints" / f"{STEPS:06d}" / "pretrained_model" / "train_config.json").read_text())
     assert config["log_every"] == 7 and config["batch_size"] == 32
     assert_same_final_state(reference, run_dir)
+
+
+def test_resume_takes_the_job_node_from_this_command(tmp_path):
+    """Where a run executes is the resuming command's choice; and a job node saved with one flat schema
+    for every target (robotrain before per-target job schemas) must not block the resume."""
+    from omegaconf import OmegaConf
+
+    from robotrain import checkpoint_layout as layout
+    from robotrain import resume
+    from robotrain.config import LocalJob, parse
+
+    saved = {"policy": {"type": "mlp"}, "dataset": {"repo_id": "robotrain/synthetic_reach", "root": None},
+             "steps": 20, "resume": {"allow_changes": False},
+             "job": {"target": "local", "image": None, "flavor": "cpu-basic", "partition": None, "nodes": 1}}
+    pretrained = tmp_path / "000010" / layout.PRETRAINED
+    pretrained.mkdir(parents=True)
+    (pretrained / layout.TRAIN_CONFIG).write_text(json.dumps(saved))
+    composed = OmegaConf.create({**saved, "job": OmegaConf.structured(LocalJob)})
+    merged = resume.merged_config(resume.ResumePoint(tmp_path / "000010", 10), composed, [])
+    assert type(parse(merged).job) is LocalJob

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from robotrain.config import JobConfig
+from robotrain.config import JobConfig, LocalJob, parse_job
 from robotrain.dispatch.job import Handle, Outcome, Point, with_resume_auto
 from robotrain.errors import UserError
 
@@ -137,17 +137,12 @@ def _sets_prefix(override: str, prefix: str) -> bool:
 
 def _job_config(config, idx: int, overrides: list[str]) -> JobConfig:
     """The typed `job` node; an app without one (e.g. Hydra's launcher test suite) runs locally."""
-    from omegaconf import OmegaConf
-
-    from robotrain.cli_errors import fail
-    from robotrain.config import parse_job
-
     if "job" not in config:
-        return JobConfig()
+        return LocalJob()
     try:
-        return parse_job(OmegaConf.to_container(config.job, resolve=True))
+        return parse_job(config.job)
     except UserError as err:
-        fail(f"sweep point #{idx} ({' '.join(overrides)}): {err}")
+        raise UserError(f"sweep point #{idx} ({' '.join(overrides)}): {err}") from None
 
 
 def _run_group(group: list) -> dict[int, Any]:

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
-from robotrain.config import JobConfig
+from robotrain.config import HfJob
 from robotrain.dispatch.job import Outcome, Point
 from robotrain.errors import UserError
 
@@ -50,7 +50,7 @@ class HFJobHandle:
         return f"follow: hf jobs logs {self.job_id} · status: hf jobs inspect {self.job_id} · cancel: hf jobs cancel {self.job_id}"
 
 
-def submit(points: Sequence[Point], job: JobConfig) -> list[HFJobHandle]:
+def submit(points: Sequence[Point], job: HfJob) -> list[HFJobHandle]:
     api = HfApi()
     secrets = secret_values(job.secrets)
     env = {"PYTHONUNBUFFERED": "1", **job.env}  # logs arrive line by line, not in blocks

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from robotrain.config import JobConfig
+from robotrain.config import SlurmJob
 from robotrain.dispatch.job import Outcome, Point, with_resume_auto
 from robotrain.errors import UserError
 
@@ -103,7 +103,7 @@ class SlurmHandle:
         return f"follow: tail -f {self.job.paths.stdout} · status: squeue -j {self.job_id} · cancel: scancel {self.job_id}"
 
 
-def submit(points: Sequence[Point], job: JobConfig) -> list[SlurmHandle]:
+def submit(points: Sequence[Point], job: SlurmJob) -> list[SlurmHandle]:
     """Submit `points` as one job (one point) or one job array (several)."""
     import submitit
 
@@ -123,15 +123,15 @@ def submit(points: Sequence[Point], job: JobConfig) -> list[SlurmHandle]:
     return [SlurmHandle(j, p) for j, p in zip(jobs, points)]
 
 
-def _folder(points: Sequence[Point], job: JobConfig) -> str:
+def _folder(points: Sequence[Point], job: SlurmJob) -> str:
     if job.submitit_folder:
         return job.submitit_folder
     base = points[0].run_dir if len(points) == 1 else points[0].run_dir.parent
     return str(Path(base) / ".submitit" / "%j")
 
 
-def _parameters(job: JobConfig, name: str) -> dict:
-    """JobConfig -> submitit's parameter names (as hydra-submitit-launcher maps them)."""
+def _parameters(job: SlurmJob, name: str) -> dict:
+    """SlurmJob -> submitit's parameter names (as hydra-submitit-launcher maps them)."""
     params = {
         "name": name, "timeout_min": job.slurm_timeout_min, "nodes": job.nodes,
         "tasks_per_node": job.tasks_per_node, "gpus_per_node": job.gpus_per_node,
@@ -145,7 +145,7 @@ def _parameters(job: JobConfig, name: str) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def _check_secrets(job: JobConfig) -> None:
+def _check_secrets(job: SlurmJob) -> None:
     """SLURM jobs inherit this shell's environment, so a secret only has to be set here."""
     missing = [name for name in job.secrets if name not in os.environ]
     if missing:
