@@ -46,6 +46,10 @@ def field_default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+#: `precision` values (see robotrain.precision).
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
@@ -564,7 +568,11 @@ class TrainConfig:
     steps: int = 2000
     """Total optimizer steps of the run (may be raised when resuming)."""
     batch_size: int = 64
-    """Samples per optimizer step per process."""
+    """Samples per micro-batch per process (an optimizer step takes grad_accum_steps of them)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step: the global batch is batch_size x processes x grad_accum_steps."""
+    precision: str = "fp32"
+    """fp32; bf16: autocast the forward to bfloat16 (CPU or GPU); fp16: float16 with loss scaling (GPU)."""
     num_workers: int = 0
     """DataLoader worker processes; results do not depend on it."""
     prefetch: int = 2
@@ -577,6 +585,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.steps > 0, f"steps must be > 0, got {self.steps}")
         _require(self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}")
+        _require(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+        _require(self.precision in PRECISIONS,
+                 f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         _require(self.num_workers == 0 or self.dataset.video_device == "cpu",
                  "dataset.video_device=cuda decodes in the training process (CUDA cannot start in forked "

@@ -14,8 +14,9 @@ policy's loss would otherwise depend on how the global batch is split, and come 
 - Masked means (a loss averaged over the action steps that are not padding): the count of
   valid entries is summed over processes (`masked_mean`).
 
-So a single process with a global batch of 8 and two processes with 4 each compute the same
-update, up to float reduction order. Outside `step(...)` (inference, a user calling a loss by
+So a single process with a global batch of 8, two processes with 4 each, and one process
+accumulating two micro-batches of 4 compute the same update, up to float reduction order (for
+masked means under accumulation, through the weights `masked_mean` records). Outside `step(...)` (inference, a user calling a loss by
 hand) draws come from the global torch RNG, as in LeRobot, and means are local. Dropout is not
 covered: each process keeps its own RNG for it (seeded per process by the training loop).
 """
@@ -37,8 +38,14 @@ import torch.distributed as dist
 class _Step:
     seed: int
     rank: int
+    """This micro-batch's place among all of the step's: `micro * num_processes + process rank`."""
+    shares: int
+    """Micro-batches in the step, over all processes: `micro_steps * num_processes`."""
     num_processes: int
     generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
+    weight: torch.Tensor | float = 1.0
+    """What this micro-batch weighs in the step's loss: the global count of its first masked mean
+    (see `masked_mean`), else 1."""
 
     def generator(self, device: torch.device) -> torch.Generator:
         device = torch.device(device)
@@ -51,12 +58,16 @@ _current: ContextVar[_Step | None] = ContextVar("robotrain_global_batch_step", d
 
 
 @contextmanager
-def step(seed: int, step: int, rank: int = 0, num_processes: int = 1) -> Iterator[None]:
-    """Draws inside come from (seed, step), the same rows for a sample on any number of processes."""
+def step(seed: int, step: int, rank: int = 0, num_processes: int = 1, micro: int = 0,
+         micro_steps: int = 1) -> Iterator[_Step]:
+    """Draws inside come from (seed, step), the same rows for a sample on any number of processes
+    and micro-batches: micro-batch `micro` of `micro_steps` (gradient accumulation) on process
+    `rank` holds rows `[(micro * num_processes + rank) * b, ... + b)` of the step's global batch."""
     mixed = int(np.random.SeedSequence([seed, step]).generate_state(1, np.uint64)[0] >> 1)
-    token = _current.set(_Step(mixed, rank, num_processes))
+    share = _Step(mixed, micro * num_processes + rank, micro_steps * num_processes, num_processes)
+    token = _current.set(share)
     try:
-        yield
+        yield share
     finally:
         _current.reset(token)
 
@@ -80,7 +91,7 @@ def _draw(sample, shape: tuple[int, ...], device, **kwargs) -> torch.Tensor:
     current = _current.get()
     if current is None:
         return sample(shape, device=device, **kwargs)
-    full = sample((shape[0] * current.num_processes, *shape[1:]), generator=current.generator(device),
+    full = sample((shape[0] * current.shares, *shape[1:]), generator=current.generator(device),
                   device=device, **kwargs)
     return full[current.rank * shape[0]: (current.rank + 1) * shape[0]]
 
@@ -95,12 +106,21 @@ def shared_randint(high: int) -> int:
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over the entries `valid` (broadcast to its shape) marks, over the global
     batch: inside `step(...)` each process returns its part of the global sum over the global
-    count, times the number of processes, so that the processes' average is the global mean."""
+    count, times the number of processes, so that the processes' average is the global mean.
+    With gradient accumulation each micro-batch's mean is over its own global count, which it
+    records as its weight: the training loop weighs the micro-batches' gradients by their counts,
+    so that the step's gradient is that of the whole batch's mean (for a loss that is one masked
+    mean; the first one a forward computes sets the weight)."""
     valid = valid.expand_as(values)
     total, count = (values * valid).sum(), valid.sum()
     current = _current.get()
-    if current is None or current.num_processes == 1:
+    if current is None:
         return total / count.clamp(min=1)
-    count = count.detach().clone()
-    dist.all_reduce(count)
+    if current.num_processes > 1:
+        count = count.detach().clone()
+        dist.all_reduce(count)
+    if isinstance(current.weight, float):
+        current.weight = count.detach()
+    if current.num_processes == 1:
+        return total / count.clamp(min=1)
     return total / count.clamp(min=1) * current.num_processes

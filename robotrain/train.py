@@ -34,6 +34,7 @@ from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader, to_device
 from robotrain.data.sampler import DataPosition, EpisodeAwareSampler
 from robotrain.optim import make_optimizer, make_scheduler
+from robotrain.precision import SCALER_STATE, Precision
 from robotrain.preemption import PreemptionFlag
 from robotrain.progress import MetricsLog, Progress
 from robotrain.resume import ResumePoint
@@ -84,6 +85,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     if not accelerator.is_main_process:
         log.setLevel(logging.WARNING)  # one voice per run
     seed_everything(cfg.seed)  # the same on every process: identical initial weights
+    precision = Precision(cfg.precision, accelerator.device)  # fp16 without a GPU: fail now
     pusher = _make_pusher(cfg) if accelerator.is_main_process else None  # bad repo/token: fail now
     if accelerator.is_main_process:
         tracking.check_installed(cfg.tracker)  # a missing tracker package: fail now too
@@ -100,10 +102,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
 
     # What a checkpoint holds; a resume restores all of it (weights, optimizer, schedule, RNG,
     # data position, tracker run) before training starts.
-    position = DataPosition(sampler, cfg.batch_size, accelerator.num_processes, cfg.resume.allow_changes)
+    position = DataPosition(sampler, cfg.batch_size, accelerator.num_processes, cfg.grad_accum_steps,
+                            cfg.resume.allow_changes)
     tracker_run = tracking.TrackerRun()
     checkpoints = _checkpoints(cfg, run_dir, accelerator, parallel, model, optimizer, scheduler, position,
-                               tracker_run)
+                               tracker_run, precision)
     if resume is not None:
         checkpoints.load(resume.checkpoint_dir)
     policy, optimizer = parallel.wrap(model, optimizer, accelerator)
@@ -119,8 +122,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
         out.evaluator.run(policy, step, label="untrained")
 
     stream = batches(loader, cfg.prefetch)
+    training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler)
     try:
-        step = result.step = _steps(cfg, accelerator, policy, optimizer, scheduler, stream, out, saver, step)
+        step = result.step = _steps(training, stream, out, saver, step)
         if result.preempted_by is None:
             out.evaluator.run(policy, step, label="trained")
             saver.push_final(result)
@@ -135,25 +139,24 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     return result
 
 
-def _steps(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, scheduler, stream, out: "_Outputs",
-           saver: "_Saver", step: int) -> int:
+def _steps(training: "_Training", stream, out: "_Outputs", saver: "_Saver", step: int) -> int:
     """Optimizer steps from `step` to `cfg.steps`, or to a preemption (saved, and noted in the
     run's result); returns the step reached."""
-    result = out.result
+    cfg, result = training.cfg, out.result
     with PreemptionFlag() as preemption:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            batch = next(stream)
+            micro_batches = [next(stream) for _ in range(cfg.grad_accum_steps)]
             t1 = time.perf_counter()
-            loss, grad_norm = _update(cfg, accelerator, policy, optimizer, scheduler, batch, step)
+            loss, grad_norm = training.update(micro_batches, step)
             step += 1
-            out.samples(step, batch["index"])
+            out.samples(step, micro_batches)
             out.window.add(loss, grad_norm, t1 - t0, time.perf_counter() - t0)
-            out.report(step, scheduler.get_last_lr()[0])
+            out.report(step, training.scheduler.get_last_lr()[0])
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
-                out.evaluator.run(policy, step)
+                out.evaluator.run(training.policy, step)
             # Every process must stop at the same step, whichever the signal reached first.
-            stop = distributed.any_process(accelerator, preemption.requested)
+            stop = distributed.any_process(training.accelerator, preemption.requested)
             if _checkpoint_due(cfg, step) or stop:
                 result.last_checkpoint = saver.save(step)
             if stop:
@@ -188,7 +191,7 @@ def _build_policy(cfg: TrainConfig, dataset):
 
 
 def _checkpoints(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, parallel, model, optimizer, scheduler,
-                 position: DataPosition, tracker_run) -> checkpoint.CheckpointManager:
+                 position: DataPosition, tracker_run, precision: Precision) -> checkpoint.CheckpointManager:
     """The run's checkpoint parts, registered with the manager that saves and loads them."""
     world = checkpoint.World(accelerator)
     manager = checkpoint.CheckpointManager(run_dir / "checkpoints", cfg.steps, position, world,
@@ -199,6 +202,8 @@ def _checkpoints(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, para
         "rng": checkpoint.RngStates(world),
         "tracker": checkpoint.Json(tracker_run, f"{layout.TRAINING_STATE}/{tracking.STATE_FILE}", optional=True),
     })
+    if precision.scaler is not None:
+        manager.register({"grad_scaler": checkpoint.Json(precision, f"{layout.TRAINING_STATE}/{SCALER_STATE}")})
     return manager
 
 
@@ -237,9 +242,9 @@ class _Outputs:
             self.tracker.log(step, metrics)
         self.progress.update(step, metrics)
 
-    def samples(self, step: int, indices: torch.Tensor) -> None:
+    def samples(self, step: int, micro_batches: list[dict]) -> None:
         if self.sample_log is not None:
-            self.sample_log.write(step, indices)
+            self.sample_log.write(step, torch.cat([batch["index"] for batch in micro_batches]))
 
     def close(self) -> None:
         if self.sample_log is not None:
@@ -267,19 +272,50 @@ def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, position: DataP
     )
 
 
-def _update(cfg: TrainConfig, accelerator: Accelerator, policy, optimizer, scheduler, batch: dict, step: int):
-    """One optimizer step on one batch; returns (loss, grad norm or None) as tensors."""
-    # The policy's noise and masked means come from the global batch: any process count trains alike.
-    with global_batch.step(cfg.seed, step, accelerator.process_index, accelerator.num_processes):
-        loss, _ = policy(to_device(batch, accelerator.device))
-    accelerator.backward(loss)
-    grad_norm = None
-    if cfg.optim.grad_clip_norm > 0:
-        grad_norm = accelerator.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm
+@dataclass
+class _Training:
+    """What one optimizer step uses: the policy, optimizer and schedule, how the processes hold
+    them (`parallel`) and the forward pass's precision."""
+
+    cfg: TrainConfig
+    accelerator: Accelerator
+    parallel: Any
+    precision: Precision
+    policy: Any
+    optimizer: Any
+    scheduler: Any
+
+    def update(self, micro_batches: list[dict], step: int):
+        """One optimizer step on `grad_accum_steps` micro-batches; returns (loss, grad norm or
+        None) as tensors. Micro-batches weigh by their share of the step's loss terms (a masked
+        mean's count of valid entries, else equally), so the step's gradient and loss are the
+        whole global batch's."""
+        cfg, accelerator, count = self.cfg, self.accelerator, len(micro_batches)
+        losses, weights, first = [], [], 1.0
+        for micro, batch in enumerate(micro_batches):
+            # Gradients are reduced across processes once per step, on the last micro-batch.
+            with self.parallel.syncing(self.policy, accelerator, sync=micro == count - 1):
+                # The policy's noise and masked means come from the global batch: any split trains alike.
+                with global_batch.step(cfg.seed, step, accelerator.process_index, accelerator.num_processes,
+                                       micro, count) as share, self.precision.autocast():
+                    loss, _ = self.policy(to_device(batch, accelerator.device))
+                first = share.weight if micro == 0 else first
+                weights.append(share.weight / first if micro else 1.0)  # relative to the first micro-batch's
+                accelerator.backward(self.precision.scale(loss * weights[-1] if micro else loss))
+            losses.append(loss.detach() * weights[-1] if micro else loss.detach())
+        if count > 1:
+            total = float(sum(weights))
+            for param in self.policy.parameters():
+                if param.grad is not None:
+                    param.grad.div_(total)
+        grad_norm = None
+        if cfg.optim.grad_clip_norm > 0:
+            self.precision.unscale(self.optimizer)
+            grad_norm = accelerator.clip_grad_norm_(self.policy.parameters(), cfg.optim.grad_clip_norm)
+        self.precision.step(self.optimizer)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return (losses[0] if count == 1 else torch.stack(losses).sum() / total), grad_norm
 
 
 def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:

@@ -138,14 +138,14 @@ if os.environ.get("RANK") == "1":
     def patch_train(name, *args, **kwargs):
         module = real_import(name, *args, **kwargs)
         train = sys.modules.get("robotrain.train")
-        if train is not None and hasattr(train, "_update") and not hasattr(train, "_injected"):
-            update = train._injected = train._update
+        if train is not None and hasattr(train, "_Training") and not hasattr(train, "_injected"):
+            update = train._injected = train._Training.update
 
-            def failing(*args):
-                if args[-1] == 2:
+            def failing(self, micro_batches, step):
+                if step == 2:
                     raise RuntimeError("injected failure in step 3")
-                return update(*args)
-            train._update = failing
+                return update(self, micro_batches, step)
+            train._Training.update = failing
         return module
     builtins.__import__ = patch_train
 """

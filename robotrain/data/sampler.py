@@ -441,35 +441,38 @@ class DataPosition:
     lives (`GlobalBatchSampler.position_after`)."""
 
     def __init__(self, sampler: EpisodeAwareSampler, batch_size: int, num_processes: int = 1,
-                 allow_changes: bool = False):
-        """`allow_changes`: resume without checking that the sampler and dataset are the saved ones."""
+                 grad_accum_steps: int = 1, allow_changes: bool = False):
+        """`batch_size`: per process and micro-batch; `grad_accum_steps` micro-batches make a step.
+        `allow_changes`: resume without checking that the sampler and dataset are the saved ones."""
         self.sampler, self.batch_size, self.num_processes = sampler, batch_size, num_processes
-        self.allow_changes = allow_changes
+        self.grad_accum_steps, self.allow_changes = grad_accum_steps, allow_changes
         self.step = 0
         self._start = (0, 0)  # (step, global sample position) this run started from
 
     @property
     def global_batch_size(self) -> int:
-        return self.batch_size * self.num_processes
+        """Samples per optimizer step, over all processes and micro-batches."""
+        return self.batch_size * self.num_processes * self.grad_accum_steps
 
     def batches(self, rank: int) -> GlobalBatchSampler:
-        """Rank `rank`'s batches from where this run starts."""
+        """Rank `rank`'s (micro-)batches from where this run starts: micro-batch `j` of step `s`
+        is the sampler's batch `s * grad_accum_steps + j`."""
         return GlobalBatchSampler(self.sampler, self.batch_size, num_processes=self.num_processes, rank=rank,
                                   start_position=self._start[1])
 
     @property
     def sample_position(self) -> int:
         """The global sample position after `step` steps."""
-        return self.batches(0).position_after(self.step - self._start[0])
+        return self.batches(0).position_after((self.step - self._start[0]) * self.grad_accum_steps)
 
     def state_dict(self) -> dict[str, Any]:
         position = self.sample_position
         self.sampler.seek(position)
-        return {
-            "training_step": {"step": self.step, "num_processes": self.num_processes, "batch_size": self.batch_size,
-                              "global_batch_size": self.global_batch_size, "sample_position": position},
-            "sampler": self.sampler.state_dict(),
-        }
+        training_step = {"step": self.step, "num_processes": self.num_processes, "batch_size": self.batch_size,
+                         "global_batch_size": self.global_batch_size, "sample_position": position}
+        if self.grad_accum_steps > 1:  # absent means 1 (checkpoints from before accumulation existed)
+            training_step["grad_accum_steps"] = self.grad_accum_steps
+        return {"training_step": training_step, "sampler": self.sampler.state_dict()}
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
         if not self.allow_changes:
@@ -483,8 +486,16 @@ class DataPosition:
             self.sampler.load_state_dict(state["sampler"])
         saved_global = saved.get("global_batch_size", self.global_batch_size)
         if saved_global != self.global_batch_size:
+            before = _split(saved.get("num_processes", 1), saved.get("batch_size", saved_global),
+                            saved.get("grad_accum_steps", 1), "processes x ")
+            now = _split(self.num_processes, self.batch_size, self.grad_accum_steps)
             log.warning(
-                "the global batch changes from %d (%d processes x %d) to %d (%d x %d): training continues at "
-                "sample %d of the same order, but its batches (and so the weights) differ from the original run's",
-                saved_global, saved.get("num_processes", 1), saved.get("batch_size", saved_global),
-                self.global_batch_size, self.num_processes, self.batch_size, saved["sample_position"])
+                "the global batch changes from %d (%s) to %d (%s): training continues at sample %d of the same "
+                "order, but its batches (and so the weights) differ from the original run's",
+                saved_global, before, self.global_batch_size, now, saved["sample_position"])
+
+
+def _split(processes: int, batch_size: int, micro_batches: int, unit: str = "x ") -> str:
+    """How a global batch is made: "2 processes x 8", "1 x 8 x 2 micro-batches"."""
+    split = f"{processes} {unit}{batch_size}"
+    return split + f" x {micro_batches} micro-batches" if micro_batches > 1 else split

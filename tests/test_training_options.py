@@ -1,0 +1,168 @@
+"""Training options (issue 15): mixed precision that really reaches the policy's layers, and
+gradient accumulation that trains like one big batch — both keeping bit-exact resume and the
+exact data position."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.conftest import TINY, assert_one_line_error, assert_same_tensors, load_tensors
+
+RUN = [*TINY, "steps=4", "checkpoint.every=2", "log_every=2", "log_samples=true", "optim.eps=1e-5"]
+#: As in tests/test_matrix.py: runs that differ only in float reduction order agree to this
+#: (two steps in).
+TOLERANCE = 1e-6
+#: Four steps in. Adam divides each gradient by its running scale, so a gradient entry that is a
+#: near-cancelling sum (summed in another order over micro-batches than over one batch) can
+#: differ by much more than its float rounding relative to itself: ACT's VAE encoder reaches
+#: ~1e-5 at step 4 from 1e-7 at step 2. A micro-batch weighed wrongly moves weights by ~lr
+#: (5e-4 seen for the MLP before masked means were weighed by their counts).
+LATER_TOLERANCE = 1e-4
+TINY_ACT = ["policy=act", "policy.dim_model=32", "policy.n_heads=2", "policy.dim_feedforward=64",
+            "policy.chunk_size=10", "policy.n_action_steps=5", "policy.pretrained_backbone_weights=null",
+            "policy.n_encoder_layers=1", "policy.n_decoder_layers=1", "policy.dropout=0.0"]
+TINY_DIFFUSION = ["policy=diffusion", "policy.n_obs_steps=2", "policy.horizon=8", "policy.n_action_steps=4",
+                  "policy.down_dims=[32,64]", "policy.kernel_size=3", "policy.n_groups=8",
+                  "policy.diffusion_step_embed_dim=32", "policy.spatial_softmax_num_keypoints=8",
+                  "policy.num_train_timesteps=10", "policy.crop_shape=[28,28]"]
+
+#: Records the dtype of every Linear/Conv output computed with gradients (training forwards).
+RECORD_DTYPES = """
+import atexit, os, torch
+_seen = set()
+def _hook(module, args, output):
+    if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)) and torch.is_grad_enabled():
+        _seen.add(str(output.dtype))
+torch.nn.modules.module.register_module_forward_hook(_hook)
+atexit.register(lambda: open(os.environ["DTYPES_OUT"], "w").write(" ".join(sorted(_seen))))
+"""
+
+
+def train(cli, run_dir: Path, *args: str, processes: int = 1, env: dict | None = None) -> Path:
+    runner = type(cli)(env={**cli.env, **(env or {})}, cwd=cli.cwd)
+    done = runner.run(*RUN, *args, f"distributed.processes={processes}", f"hydra.run.dir={run_dir}", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def weights(run_dir: Path, step: int = 4) -> dict[str, torch.Tensor]:
+    return load_tensors(run_dir / "checkpoints" / f"{step:06d}" / "pretrained_model" / "model.safetensors")
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def resumed(cli, run_dir: Path, *args: str, processes: int = 1) -> Path:
+    """A new run dir holding `run_dir`'s step-2 checkpoint, resumed to step 4 with `args`."""
+    again = run_dir.with_name(run_dir.name + "-resumed")
+    shutil.copytree(run_dir / "checkpoints" / "000002", again / "checkpoints" / "000002")
+    return train(cli, again, *args, "resume=auto", processes=processes)
+
+
+def step_samples(run_dir: Path, rank: int = 0) -> list[list[int]]:
+    lines = (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines()
+    return [json.loads(line)["index"] for line in lines]
+
+
+# -- mixed precision ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision, dtypes", [("fp32", "torch.float32"), ("bf16", "torch.bfloat16")])
+def test_precision_reaches_the_policys_matmuls_and_convolutions(module_cli, tmp_path, precision, dtypes):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(RECORD_DTYPES)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")])),
+           "DTYPES_OUT": str(tmp_path / "dtypes")}
+    run_dir = train(module_cli, tmp_path / "run", *TINY_ACT, "steps=2", f"precision={precision}", env=env)
+    assert (tmp_path / "dtypes").read_text() == dtypes
+    with safe_open(str(run_dir / "checkpoints" / "000002" / "pretrained_model" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # LeRobot's layout, whatever the precision
+    optimizer = load_tensors(run_dir / "checkpoints" / "000002" / "training_state" / "optimizer_state.safetensors")
+    assert {t.dtype for k, t in optimizer.items() if not k.endswith("/step")} == {torch.float32}
+
+
+def test_bf16_training_differs_from_fp32_and_resumes_bit_exactly(module_cli, tmp_path):
+    run = train(module_cli, tmp_path / "bf16", "precision=bf16")
+    fp32 = train(module_cli, tmp_path / "fp32")
+    assert largest_difference(weights(run), weights(fp32)) > 1e-5  # bf16 did change what was computed
+    assert_same_tensors(weights(resumed(module_cli, run, "precision=bf16")), weights(run))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["precision=fp8"], "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+    (["precision=fp16"], "precision=fp16 needs a GPU"),
+    (["grad_accum_steps=0"], "grad_accum_steps must be >= 1, got 0"),
+])
+def test_bad_training_options_are_one_line_errors(module_cli, tmp_path, args, expected):
+    done = module_cli.run(*RUN, *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(done, expected)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# -- gradient accumulation --------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", [["policy=mlp"], TINY_ACT, TINY_DIFFUSION], ids=["mlp", "act", "diffusion"])
+def test_two_micro_batches_of_8_train_like_one_batch_of_16(module_cli, tmp_path, policy):
+    whole = train(module_cli, tmp_path / "whole", *policy, "batch_size=16")
+    accumulated = train(module_cli, tmp_path / "accumulated", *policy, "batch_size=8", "grad_accum_steps=2")
+    # The same samples, in the same order, at every step (micro-batch 0, then 1).
+    assert step_samples(accumulated) == step_samples(whole)
+    assert largest_difference(weights(accumulated, step=2), weights(whole, step=2)) < TOLERANCE
+    assert largest_difference(weights(accumulated), weights(whole)) < LATER_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_accumulation_on_two_processes_trains_like_one_big_batch(module_cli, tmp_path, strategy):
+    whole = train(module_cli, tmp_path / "whole", "batch_size=16")
+    split = train(module_cli, tmp_path / strategy, "batch_size=4", "grad_accum_steps=2",
+                  f"distributed.strategy={strategy}", processes=2)
+    assert largest_difference(weights(split), weights(whole)) < TOLERANCE
+    info = json.loads((split / "checkpoints" / "000004" / "training_state" / "training_step.json").read_text())
+    assert info == {"step": 4, "num_processes": 2, "batch_size": 4, "global_batch_size": 16, "sample_position": 64,
+                    "grad_accum_steps": 2}
+
+
+@pytest.mark.slow
+def test_accumulation_resumes_bit_exactly_with_bf16_on_one_and_two_processes(module_cli, tmp_path):
+    options = ["precision=bf16", "grad_accum_steps=2", "batch_size=4"]
+    for processes in (1, 2):
+        run = train(module_cli, tmp_path / f"run{processes}", *options, processes=processes)
+        again = resumed(module_cli, run, *options, processes=processes)
+        assert_same_tensors(weights(again), weights(run))
+        assert step_samples(again)[-2:] == step_samples(run)[-2:]
+
+
+def test_resuming_with_another_split_of_the_same_global_batch_continues_exactly(module_cli, tmp_path):
+    """A checkpoint of batch 16 resumed as 2 micro-batches of 8: same position, same samples, the
+    same weights within float tolerance, and no warning (the global batch is unchanged)."""
+    run = train(module_cli, tmp_path / "run", "batch_size=16")
+    again = run.with_name("again")
+    shutil.copytree(run / "checkpoints" / "000002", again / "checkpoints" / "000002")
+    done = module_cli.run(*RUN, "batch_size=8", "grad_accum_steps=2", "resume=auto", f"hydra.run.dir={again}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "global batch changes" not in done.stdout + done.stderr
+    assert step_samples(again) == step_samples(run)[2:]
+    assert largest_difference(weights(again), weights(run)) < TOLERANCE
+
+
+def test_resuming_with_another_global_batch_warns_and_keeps_the_position(module_cli, tmp_path):
+    run = train(module_cli, tmp_path / "run", "batch_size=8")
+    again = run.with_name("again")
+    shutil.copytree(run / "checkpoints" / "000002", again / "checkpoints" / "000002")
+    done = module_cli.run(*RUN, "batch_size=8", "grad_accum_steps=2", "resume=auto", f"hydra.run.dir={again}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "the global batch changes from 8 (1 processes x 8) to 16 (1 x 8 x 2 micro-batches)" in done.stdout + done.stderr
+    info = json.loads((again / "checkpoints" / "000004" / "training_state" / "training_step.json").read_text())
+    assert info["sample_position"] == 2 * 8 + 2 * 16
