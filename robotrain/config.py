@@ -418,6 +418,23 @@ class DistributedConfig:
 
 
 @dataclass
+class EmaConfig:
+    """An exponential moving average of the trained weights (see robotrain.ema)."""
+
+    enabled: bool = False
+    """Keep the average (updated after every optimizer step, saved in checkpoints)."""
+    decay: float = 0.999
+    """Weight of the old average at each update, once warmed up."""
+    warmup: bool = True
+    """Ramp the decay as min(decay, (1 + step) / (10 + step)): a young average follows the weights."""
+    for_eval: bool = True
+    """Evaluate and publish (pretrained_model/, the Hub's final model) the average instead of the raw weights."""
+
+    def __post_init__(self) -> None:
+        _require(0 < self.decay < 1, f"ema.decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass
 class CheckpointConfig:
     """When checkpoints are written under `<run_dir>/checkpoints/`."""
 
@@ -553,6 +570,8 @@ class TrainConfig:
     """Where the run executes."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Several processes: DDP or FSDP."""
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    """An exponential moving average of the trained weights."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and retention."""
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -23,12 +23,18 @@ class ModelWeights(Part):
     `gather` gives the consolidated weights (every process calls it); `loads=False` when another
     part (FSDP's shards) restores the weights on resume."""
 
-    def __init__(self, model, train_config: dict, gather: Callable | None = None, loads: bool = True):
-        self.model, self.train_config, self.loads = model, train_config, loads
+    def __init__(self, model, train_config: dict, gather: Callable | None = None, loads: bool = True,
+                 published: Callable | None = None):
+        """`published`: a context in which the model holds the weights to publish (the EMA
+        averages, `robotrain.ema`); the raw weights are then some other part's to keep."""
+        self.model, self.train_config, self.loads, self.published = model, train_config, loads, published
         self.gather = gather or (lambda model: model.state_dict())
 
     def state_dict(self) -> dict:
-        return self.gather(self.model)
+        if self.published is None:
+            return self.gather(self.model)
+        with self.published():  # copies: the model holds its own weights again when this returns
+            return {name: tensor.detach().clone() for name, tensor in self.gather(self.model).items()}
 
     def write(self, folder: Path, state: dict) -> None:
         from robotrain import peft

@@ -40,9 +40,10 @@ class Strategy:
         local (accumulated, not yet reduced across processes); the step's last micro-batch syncs."""
         raise NotImplementedError
 
-    def checkpoint_parts(self, model, optimizer, train_config: dict) -> dict[str, Part]:
+    def checkpoint_parts(self, model, optimizer, train_config: dict, published=None) -> dict[str, Part]:
         """The checkpoint parts holding the model (full or adapter, with `train_config`) and the
-        optimizer, as this strategy saves and loads them (see `robotrain.checkpoint`)."""
+        optimizer, as this strategy saves and loads them (see `robotrain.checkpoint`);
+        `published`: see `robotrain.model_state.ModelWeights`."""
         raise NotImplementedError
 
     def evaluation_model(self, model, is_main: bool):
@@ -65,10 +66,11 @@ class Replicated(Strategy):
     def syncing(self, policy, accelerator, sync: bool):
         return contextlib.nullcontext() if sync else accelerator.no_sync(policy)  # DDP's no_sync
 
-    def checkpoint_parts(self, model, optimizer, train_config: dict) -> dict[str, Part]:
+    def checkpoint_parts(self, model, optimizer, train_config: dict, published=None) -> dict[str, Part]:
         from robotrain.model_state import ModelWeights, WholeOptimizer
 
-        return {"model": ModelWeights(model, train_config), "optimizer": WholeOptimizer(model, optimizer)}
+        return {"model": ModelWeights(model, train_config, published=published),
+                "optimizer": WholeOptimizer(model, optimizer)}
 
     def evaluation_model(self, model, is_main: bool):
         return model if is_main else None
@@ -95,12 +97,13 @@ class Sharded(Strategy):
         policy.set_requires_gradient_sync(sync)  # FSDP2: reduce-scatter the gradients or keep them
         yield
 
-    def checkpoint_parts(self, model, optimizer, train_config: dict) -> dict[str, Part]:
+    def checkpoint_parts(self, model, optimizer, train_config: dict, published=None) -> dict[str, Part]:
         from robotrain import fsdp
         from robotrain.model_state import ModelWeights, ShardedState
 
         # The shards hold the model too: resuming loads it from them, resharded onto this world.
-        return {"model": ModelWeights(model, train_config, gather=fsdp.full_state_dict, loads=False),
+        return {"model": ModelWeights(model, train_config, gather=fsdp.full_state_dict, loads=False,
+                                      published=published),
                 "optimizer": ShardedState(model, optimizer)}
 
     def evaluation_model(self, model, is_main: bool):

@@ -16,6 +16,7 @@ at the next step boundary with a checkpoint (see `robotrain.preemption`). Checkp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -33,6 +34,7 @@ from robotrain import checkpoint, checkpoint_layout as layout, data, distributed
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader, to_device
 from robotrain.data.sampler import DataPosition, EpisodeAwareSampler
+from robotrain.ema import Ema, EmaState
 from robotrain.optim import make_optimizer, make_scheduler
 from robotrain.precision import SCALER_STATE, Precision
 from robotrain.preemption import PreemptionFlag
@@ -101,12 +103,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
         seed_everything(cfg.seed + accelerator.process_index)  # per-process randomness from here on
 
     # What a checkpoint holds; a resume restores all of it (weights, optimizer, schedule, RNG,
-    # data position, tracker run) before training starts.
+    # data position, tracker run, loss scale, EMA) before training starts.
     position = DataPosition(sampler, cfg.batch_size, accelerator.num_processes, cfg.grad_accum_steps,
                             cfg.resume.allow_changes)
     tracker_run = tracking.TrackerRun()
-    checkpoints = _checkpoints(cfg, run_dir, accelerator, parallel, model, optimizer, scheduler, position,
-                               tracker_run, precision)
+    ema = Ema(model, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+    checkpoints = _checkpoints(cfg, run_dir, accelerator, parallel, model, optimizer, position,
+                               [scheduler, tracker_run, precision, ema])
     if resume is not None:
         checkpoints.load(resume.checkpoint_dir)
     policy, optimizer = parallel.wrap(model, optimizer, accelerator)
@@ -116,13 +119,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
                        is_main=accelerator.is_main_process)
     out = _Outputs.open(cfg, run_dir, tracker_run, accelerator, parallel, result, step, model,
-                        position.global_batch_size)
+                        position.global_batch_size, _published(cfg, ema))
     saver = _Saver(cfg, checkpoints, pusher)
     if resume is None and cfg.eval.at_start:
         out.evaluator.run(policy, step, label="untrained")
 
     stream = batches(loader, cfg.prefetch)
-    training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler)
+    training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler, ema)
     try:
         step = result.step = _steps(training, stream, out, saver, step)
         if result.preempted_by is None:
@@ -190,13 +193,15 @@ def _build_policy(cfg: TrainConfig, dataset):
                       cfg.peft, cfg.policy)
 
 
-def _checkpoints(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, parallel, model, optimizer, scheduler,
-                 position: DataPosition, tracker_run, precision: Precision) -> checkpoint.CheckpointManager:
-    """The run's checkpoint parts, registered with the manager that saves and loads them."""
+def _checkpoints(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, parallel, model, optimizer,
+                 position: DataPosition, state: list) -> checkpoint.CheckpointManager:
+    """The run's checkpoint parts, registered with the manager that saves and loads them.
+    `state`: the scheduler, the tracker run, the precision (its fp16 loss scale) and the EMA or None."""
+    scheduler, tracker_run, precision, ema = state
     world = checkpoint.World(accelerator)
     manager = checkpoint.CheckpointManager(run_dir / "checkpoints", cfg.steps, position, world,
                                            fsync=cfg.checkpoint.fsync, keep_last=cfg.checkpoint.keep_last)
-    manager.register(parallel.checkpoint_parts(model, optimizer, to_dict(cfg)))
+    manager.register(parallel.checkpoint_parts(model, optimizer, to_dict(cfg), published=_published(cfg, ema)))
     manager.register({
         "scheduler": checkpoint.Json(scheduler, f"{layout.TRAINING_STATE}/{layout.SCHEDULER_STATE}"),
         "rng": checkpoint.RngStates(world),
@@ -204,7 +209,15 @@ def _checkpoints(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, para
     })
     if precision.scaler is not None:
         manager.register({"grad_scaler": checkpoint.Json(precision, f"{layout.TRAINING_STATE}/{SCALER_STATE}")})
+    if ema is not None:  # after the model: with for_eval it puts the raw weights back
+        manager.register({"ema": EmaState(ema, raw=cfg.ema.for_eval)})
     return manager
+
+
+def _published(cfg: TrainConfig, ema: Ema | None):
+    """The context in which the model holds what is evaluated and published: the EMA averages
+    with ema.for_eval, else None (the weights themselves)."""
+    return ema.applied if ema is not None and cfg.ema.for_eval else None
 
 
 @dataclass
@@ -224,12 +237,12 @@ class _Outputs:
 
     @classmethod
     def open(cls, cfg, run_dir, tracker_run, accelerator, parallel, result, step, model,
-             global_batch_size) -> "_Outputs":
+             global_batch_size, published=None) -> "_Outputs":
         main = accelerator.is_main_process
         metrics_log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
         progress = Progress(cfg.steps, step, cfg.log_every, enabled=main)
         tracker = tracking.start(cfg, run_dir, tracker_run, step, model, main)
-        evaluator = _Evaluator(cfg, accelerator, parallel, result, metrics_log, progress, tracker, run_dir)
+        evaluator = _Evaluator(cfg, accelerator, parallel, result, metrics_log, progress, tracker, run_dir, published)
         samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
         return cls(cfg, result, global_batch_size, metrics_log, progress, tracker, evaluator, samples)
 
@@ -284,6 +297,7 @@ class _Training:
     policy: Any
     optimizer: Any
     scheduler: Any
+    ema: Ema | None = None
 
     def update(self, micro_batches: list[dict], step: int):
         """One optimizer step on `grad_accum_steps` micro-batches; returns (loss, grad norm or
@@ -315,6 +329,8 @@ class _Training:
         self.precision.step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(step)
         return (losses[0] if count == 1 else torch.stack(losses).sum() / total), grad_norm
 
 
@@ -407,25 +423,30 @@ class _Evaluator:
     saves the first episodes as `<run_dir>/eval/step_<n>.gif` for a person to watch."""
 
     def __init__(self, cfg: TrainConfig, accelerator, parallel, result: RunResult, metrics_log, progress, tracker,
-                 run_dir):
+                 run_dir, published=None):
+        """`published`: a context in which the model holds the weights to evaluate (EMA), or None."""
         self.cfg, self.accelerator, self.parallel, self.result = cfg, accelerator, parallel, result
+        self.published = published or contextlib.nullcontext
         self.metrics_log, self.progress, self.tracker, self.videos = metrics_log, progress, tracker, run_dir / "eval"
         self.enabled = cfg.eval.enabled and cfg.dataset.is_synthetic
 
     def run(self, policy, step: int, label: str = "") -> None:
         if not self.enabled:
             return
-        model = self.parallel.evaluation_model(self.accelerator.unwrap_model(policy), self.accelerator.is_main_process)
-        if model is None:
-            return
-        from robotrain.eval import evaluate
+        # Every process enters: a sharded model is gathered inside (the main process evaluates a copy).
+        with self.published():
+            model = self.parallel.evaluation_model(self.accelerator.unwrap_model(policy),
+                                                   self.accelerator.is_main_process)
+            if model is None:
+                return
+            from robotrain.eval import evaluate
 
-        outcome = evaluate(
-            model, episodes=self.cfg.eval.episodes,
-            max_steps=self.cfg.eval.max_steps, seed=self.cfg.eval.seed,
-            image_size=self.cfg.dataset.synthetic.image_size, record=self.cfg.eval.video_episodes,
-            render_size=self.cfg.eval.video_size,
-        )
+            outcome = evaluate(
+                model, episodes=self.cfg.eval.episodes,
+                max_steps=self.cfg.eval.max_steps, seed=self.cfg.eval.seed,
+                image_size=self.cfg.dataset.synthetic.image_size, record=self.cfg.eval.video_episodes,
+                render_size=self.cfg.eval.video_size,
+            )
         metrics = self.result.evals[step] = outcome.as_metrics()
         self.metrics_log.write(step, metrics)
         self.tracker.log(step, metrics)

@@ -68,6 +68,10 @@ def resumed(cli, run_dir: Path, *args: str, processes: int = 1) -> Path:
     return train(cli, again, *args, "resume=auto", processes=processes)
 
 
+def ema_state(run_dir: Path, step: int = 4) -> dict[str, torch.Tensor]:
+    return load_tensors(run_dir / "checkpoints" / f"{step:06d}" / "training_state" / "ema_state.safetensors")
+
+
 def step_samples(run_dir: Path, rank: int = 0) -> list[list[int]]:
     lines = (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines()
     return [json.loads(line)["index"] for line in lines]
@@ -101,6 +105,7 @@ def test_bf16_training_differs_from_fp32_and_resumes_bit_exactly(module_cli, tmp
     (["precision=fp8"], "precision must be one of fp32, bf16, fp16, got 'fp8'"),
     (["precision=fp16"], "precision=fp16 needs a GPU"),
     (["grad_accum_steps=0"], "grad_accum_steps must be >= 1, got 0"),
+    (["ema.decay=1.5"], "ema.decay must be in (0, 1), got 1.5"),
 ])
 def test_bad_training_options_are_one_line_errors(module_cli, tmp_path, args, expected):
     done = module_cli.run(*RUN, *args, f"hydra.run.dir={tmp_path / 'run'}")
@@ -124,24 +129,27 @@ def test_two_micro_batches_of_8_train_like_one_batch_of_16(module_cli, tmp_path,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_accumulation_on_two_processes_trains_like_one_big_batch(module_cli, tmp_path, strategy):
-    whole = train(module_cli, tmp_path / "whole", "batch_size=16")
-    split = train(module_cli, tmp_path / strategy, "batch_size=4", "grad_accum_steps=2",
+def test_accumulation_and_ema_on_two_processes_train_like_one_big_batch(module_cli, tmp_path, strategy):
+    whole = train(module_cli, tmp_path / "whole", "batch_size=16", "ema.enabled=true")
+    split = train(module_cli, tmp_path / strategy, "batch_size=4", "grad_accum_steps=2", "ema.enabled=true",
                   f"distributed.strategy={strategy}", processes=2)
     assert largest_difference(weights(split), weights(whole)) < TOLERANCE
+    assert largest_difference(ema_state(split), ema_state(whole)) < TOLERANCE  # averages and raw weights
     info = json.loads((split / "checkpoints" / "000004" / "training_state" / "training_step.json").read_text())
     assert info == {"step": 4, "num_processes": 2, "batch_size": 4, "global_batch_size": 16, "sample_position": 64,
                     "grad_accum_steps": 2}
 
 
 @pytest.mark.slow
-def test_accumulation_resumes_bit_exactly_with_bf16_on_one_and_two_processes(module_cli, tmp_path):
-    options = ["precision=bf16", "grad_accum_steps=2", "batch_size=4"]
-    for processes in (1, 2):
-        run = train(module_cli, tmp_path / f"run{processes}", *options, processes=processes)
-        again = resumed(module_cli, run, *options, processes=processes)
-        assert_same_tensors(weights(again), weights(run))
-        assert step_samples(again)[-2:] == step_samples(run)[-2:]
+@pytest.mark.parametrize("processes, strategy", [(1, "ddp"), (2, "ddp"), (2, "fsdp")])
+def test_every_option_at_once_resumes_bit_exactly(module_cli, tmp_path, processes, strategy):
+    options = ["precision=bf16", "grad_accum_steps=2", "batch_size=4", "ema.enabled=true",
+               f"distributed.strategy={strategy}"]
+    run = train(module_cli, tmp_path / "run", *options, processes=processes)
+    again = resumed(module_cli, run, *options, processes=processes)
+    assert_same_tensors(weights(again), weights(run))
+    assert_same_tensors(ema_state(again), ema_state(run))
+    assert step_samples(again)[-2:] == step_samples(run)[-2:]
 
 
 def test_resuming_with_another_split_of_the_same_global_batch_continues_exactly(module_cli, tmp_path):
@@ -166,3 +174,74 @@ def test_resuming_with_another_global_batch_warns_and_keeps_the_position(module_
     assert "the global batch changes from 8 (1 processes x 8) to 16 (1 x 8 x 2 micro-batches)" in done.stdout + done.stderr
     info = json.loads((again / "checkpoints" / "000004" / "training_state" / "training_step.json").read_text())
     assert info["sample_position"] == 2 * 8 + 2 * 16
+
+
+# -- EMA ------------------------------------------------------------------------------------
+
+
+def test_the_average_follows_its_formula_with_warmup():
+    from robotrain.ema import Ema
+
+    model = torch.nn.Linear(3, 2)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ema = Ema(model, decay=0.999, warmup=True)
+    for step in range(3):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(1.0)
+        ema.update(step)
+    expected = {k: v.clone() for k, v in start.items()}
+    for step in range(3):
+        decay = min(0.999, (1 + step) / (10 + step))
+        expected = {k: decay * v + (1 - decay) * (start[k] + step + 1) for k, v in expected.items()}
+    for name, average in ema.averages.items():
+        assert torch.allclose(average, expected[name], atol=1e-6), name
+    trained = model.weight.detach().clone()
+    with ema.applied():
+        assert torch.equal(model.weight, ema.averages["weight"])
+    assert torch.equal(model.weight, trained)  # the raw weights are back, exactly
+
+
+def test_ema_is_published_updated_each_step_and_resumed_bit_exactly(module_cli, tmp_path):
+    run = train(module_cli, tmp_path / "run", "ema.enabled=true", "checkpoint.every=1")
+    state = {step: ema_state(run, step) for step in (1, 2)}
+    names = [k[len("ema."):] for k in state[2] if k.startswith("ema.")]
+    assert sorted(names) == sorted(weights(run, 2)) and all(f"raw.{n}" in state[2] for n in names)
+    decay = min(0.999, (1 + 1) / (10 + 1))  # the update after step index 1 (the second step)
+    for name in names:
+        expected = decay * state[1][f"ema.{name}"] + (1 - decay) * state[2][f"raw.{name}"]
+        assert torch.allclose(state[2][f"ema.{name}"], expected, atol=1e-7), name
+        assert torch.equal(weights(run, 2)[name], state[2][f"ema.{name}"])  # pretrained_model/ holds the average
+    assert largest_difference({n: state[2][f"raw.{n}"] for n in names}, weights(run, 2)) > 1e-6
+    again = resumed(module_cli, run, "ema.enabled=true", "checkpoint.every=1")
+    assert_same_tensors(weights(again), weights(run))
+    assert_same_tensors(ema_state(again), ema_state(run))
+
+
+def test_ema_for_eval_false_publishes_the_raw_weights(module_cli, tmp_path):
+    run = train(module_cli, tmp_path / "run", "ema.enabled=true", "ema.for_eval=false")
+    state = ema_state(run)
+    assert all(k.startswith("ema.") for k in state)
+    plain = train(module_cli, tmp_path / "plain")
+    assert_same_tensors(weights(run), weights(plain))  # the average does not change training
+
+
+def test_ema_under_peft_averages_the_adapter_only(module_cli, tmp_path):
+    base = train(module_cli, tmp_path / "base") / "checkpoints" / "000004" / "pretrained_model"
+    run = train(module_cli, tmp_path / "lora", "peft=lora", "peft.r=4", f"policy.pretrained_path={base}",
+                "ema.enabled=true")
+    names = {k.split(".", 1)[1] for k in ema_state(run)}
+    assert names and all("lora_" in name for name in names)
+    adapter = load_tensors(run / "checkpoints" / "000004" / "pretrained_model" / "adapter_model.safetensors")
+    assert adapter
+    state = ema_state(run)
+    for key, tensor in adapter.items():  # the published adapter is the average
+        match = [k for k in state if k.startswith("ema.") and k.endswith(key.split("base_model.model.", 1)[-1]
+                                                                         .replace(".weight", ".default.weight"))]
+        assert len(match) == 1 and torch.equal(state[match[0]], tensor), key
+
+
+def test_turning_ema_on_when_resuming_is_refused(module_cli, tmp_path):
+    run = train(module_cli, tmp_path / "run")
+    done = module_cli.run(*RUN, "ema.enabled=true", "resume=auto", f"hydra.run.dir={run}")
+    assert_one_line_error(done, "ema")
