@@ -186,6 +186,18 @@ def any_process(accelerator, flag: bool) -> bool:
     return bool(value.item())
 
 
+def max_over_processes(accelerator, value: float) -> float:
+    """The largest `value` any process has (every process calls it, over the CPU group)."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch
+    import torch.distributed as dist
+
+    box = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(box, op=dist.ReduceOp.MAX, group=_cpu_group())
+    return float(box.item())
+
+
 _CPU_GROUP = None
 
 

@@ -4,6 +4,8 @@
   one compact log line every `log_every` steps, so SLURM and HF Jobs logs are not flooded
   with bar redraws.
 - `MetricsLog`: one JSON object per line in `<run_dir>/metrics.jsonl`.
+- `peak_memory_mb`: what each metrics line reports as `peak_memory_mb` (the largest over the
+  processes).
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ class Progress:
         elif self.enabled and metrics:
             eta = (self.total - step) / max(metrics["steps_per_s"], 1e-9)
             log.info(
-                "step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  data wait %.0f%%  eta %s",
-                step, self.total, metrics["loss"], metrics["lr"], metrics["steps_per_s"],
-                100 * metrics["data_wait_frac"], _duration(eta),
+                "step %d/%d  loss %.4f  lr %.2e  %.1f steps/s  %.0f samples/s  data wait %.0f%%  peak mem %.0f MB  eta %s",
+                step, self.total, metrics["loss"], metrics["lr"], metrics["steps_per_s"], metrics["samples_per_s"],
+                100 * metrics["data_wait_frac"], metrics["peak_memory_mb"], _duration(eta),
             )
 
     def write(self, message: str) -> None:
@@ -69,6 +71,18 @@ class MetricsLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def peak_memory_mb(device) -> float:
+    """This process's peak memory so far: the GPU's allocated bytes on CUDA (what a batch size is
+    limited by), else the process's peak resident set (RSS), in MB."""
+    import torch
+
+    if getattr(device, "type", device) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
 
 
 def _terminal_columns() -> int:

@@ -9,7 +9,7 @@
 - Only the main process logs: every other process, and `tracker=none`, gets the base
   `Tracker`, which does nothing. metrics.jsonl is written either way (`robotrain.progress`).
 - Names: training metrics are logged under `train/` (`loss` -> `train/loss`, also lr,
-  grad_norm, steps_per_s, samples_per_s, data_wait_frac); evaluation metrics keep theirs
+  grad_norm, steps_per_s, samples_per_s, data_wait_frac, peak_memory_mb); evaluation metrics keep theirs
   (`eval/success_rate`). The x axis is the optimizer step (in wandb the `train/step`
   metric, since wandb's own `_step` only counts log calls).
 - When the run starts each tracker receives the resolved config (what train_config.json

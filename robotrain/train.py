@@ -38,7 +38,7 @@ from robotrain.ema import Ema, EmaState
 from robotrain.optim import make_optimizer, make_scheduler
 from robotrain.precision import SCALER_STATE, Precision
 from robotrain.preemption import PreemptionFlag
-from robotrain.progress import MetricsLog, Progress
+from robotrain.progress import MetricsLog, Progress, peak_memory_mb
 from robotrain.resume import ResumePoint
 
 log = logging.getLogger("robotrain")
@@ -226,6 +226,7 @@ class _Outputs:
     sample log, and simulator evaluations (most of it on the main process only)."""
 
     cfg: TrainConfig
+    accelerator: Accelerator
     result: RunResult
     global_batch_size: int
     metrics_log: MetricsLog
@@ -244,13 +245,16 @@ class _Outputs:
         tracker = tracking.start(cfg, run_dir, tracker_run, step, model, main)
         evaluator = _Evaluator(cfg, accelerator, parallel, result, metrics_log, progress, tracker, run_dir, published)
         samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
-        return cls(cfg, result, global_batch_size, metrics_log, progress, tracker, evaluator, samples)
+        return cls(cfg, accelerator, result, global_batch_size, metrics_log, progress, tracker, evaluator, samples)
 
     def report(self, step: int, lr: float) -> None:
         """After each step: the progress bar, and every `log_every` steps the window's metrics."""
         metrics = None
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
-            metrics = self.result.last_metrics = self.window.flush(lr, self.global_batch_size)
+            metrics = self.window.flush(lr, self.global_batch_size)
+            metrics["peak_memory_mb"] = distributed.max_over_processes(self.accelerator,
+                                                                       peak_memory_mb(self.accelerator.device))
+            self.result.last_metrics = metrics
             self.metrics_log.write(step, metrics)
             self.tracker.log(step, metrics)
         self.progress.update(step, metrics)

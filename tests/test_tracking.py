@@ -20,7 +20,7 @@ from tests.conftest import TINY, Cli, assert_one_line_error
 TRACKERS = ["tensorboard", "wandb", "trackio"]
 #: TINY with the simulator evaluation on (2 short episodes, one recorded).
 RUN = [*(o for o in TINY if not o.startswith("eval.enabled")), "eval.episodes=2", "eval.max_steps=10"]
-TRAIN_KEYS = ("loss", "lr", "grad_norm", "steps_per_s", "samples_per_s", "data_wait_frac")
+TRAIN_KEYS = ("loss", "lr", "grad_norm", "steps_per_s", "samples_per_s", "data_wait_frac", "peak_memory_mb")
 
 
 def tracker_cli(cli: Cli, home: Path) -> Cli:

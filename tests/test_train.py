@@ -40,7 +40,7 @@ def test_metrics_are_written_as_json_lines(cli, tmp_path):
     assert done.returncode == 0, done.stderr
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [5, 10]
-    for key in ("loss", "lr", "grad_norm", "steps_per_s", "samples_per_s", "data_wait_frac"):
+    for key in ("loss", "lr", "grad_norm", "steps_per_s", "samples_per_s", "data_wait_frac", "peak_memory_mb"):
         assert key in lines[0]
 
 

@@ -245,3 +245,27 @@ def test_turning_ema_on_when_resuming_is_refused(module_cli, tmp_path):
     run = train(module_cli, tmp_path / "run")
     done = module_cli.run(*RUN, "ema.enabled=true", "resume=auto", f"hydra.run.dir={run}")
     assert_one_line_error(done, "ema")
+
+
+# -- run diagnostics ------------------------------------------------------------------------
+
+#: Process 1 of 2 touches 1 GiB at start-up: its peak resident memory passes 1 GiB, process 0's does not.
+GROW_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    _ballast = bytearray(1 << 30)
+    for _i in range(0, len(_ballast), 4096):
+        _ballast[_i] = 1
+"""
+
+
+def test_metrics_report_the_peak_memory_of_the_largest_process(module_cli, tmp_path):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(GROW_RANK_1)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")]))}
+    run_dir = train(module_cli, tmp_path / "run", "batch_size=4", processes=2, env=env)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert lines and all(line["peak_memory_mb"] > 1024 for line in lines)
+    single = train(module_cli, tmp_path / "single", "batch_size=8")
+    lines = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines() if "loss" in line]
+    assert lines and all(100 < line["peak_memory_mb"] < 1024 for line in lines)
