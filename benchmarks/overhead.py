@@ -14,7 +14,9 @@ differ only in the code around the math:
 - bare: a `DataLoader` over the same batched reads (`LeRobotDataset.get_batch`) with a
   `BatchSampler(RandomSampler)`, and the plainest loop.
 
-Printed per num_workers (0 and 2):
+Printed per training option (`--variants`: plain, `grad_accum_steps=4` with a quarter of the
+batch per micro-batch, `ema.enabled=true`; the bare loop does the same accumulation or EMA
+update) and num_workers (0 and 2):
 - `robotrain/bare`: the median over rounds of (robotrain steps/s / bare steps/s), the two runs
   of a round being adjacent in time (target >= 0.98); the detail line adds each side's median
   steps/s, their ratio and every round's numbers;
@@ -75,13 +77,19 @@ class Measured:
     data_wait: float  # fraction of step time spent in next(loader)
 
 
-def overrides(args, num_workers: int) -> list[str]:
+#: Training options measured, each against a bare loop doing the same math: the plain run, four
+#: micro-batches of a quarter of the batch per step, and an EMA of the weights.
+VARIANTS = {"plain": [], "grad_accum_steps=4": ["grad_accum_steps=4"], "ema": ["ema.enabled=true"]}
+
+
+def overrides(args, num_workers: int, variant: str = "plain") -> list[str]:
+    micro_batches = 4 if variant == "grad_accum_steps=4" else 1
     return [
-        "policy=mlp", f"policy.hidden_dim={args.hidden_dim}", f"batch_size={args.batch_size}",
+        "policy=mlp", f"policy.hidden_dim={args.hidden_dim}", f"batch_size={args.batch_size // micro_batches}",
         f"num_workers={num_workers}", f"steps={args.steps}", f"log_every={args.log_every}",
         "checkpoint.every=0", "eval.enabled=false",
         # The final checkpoint is outside the timed span; no fsync keeps the runs short.
-        "checkpoint.fsync=false",
+        "checkpoint.fsync=false", *VARIANTS[variant],
     ]
 
 
@@ -145,8 +153,10 @@ def run_bare(cfg) -> Measured:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     # One sampler covering every step (consecutive random permutations), so the bare side
     # has no epoch restarts either: robotrain's batch sampler is infinite.
-    sampler = RandomSampler(dataset, num_samples=cfg.steps * cfg.batch_size,
+    micro_batches = cfg.grad_accum_steps
+    sampler = RandomSampler(dataset, num_samples=cfg.steps * cfg.batch_size * micro_batches,
                             generator=torch.Generator().manual_seed(cfg.seed))
+    averages = [p.detach().clone() for p in policy.parameters()] if cfg.ema.enabled else None
     # Same batch reads as robotrain (LeRobotDataset.get_batch), without its prefetch thread.
     loader = DataLoader(_BatchReads(dataset), sampler=BatchSampler(sampler, cfg.batch_size, drop_last=True),
                         batch_size=None, num_workers=cfg.num_workers)
@@ -156,14 +166,17 @@ def run_bare(cfg) -> Measured:
     batches = iter(loader)
     for step in range(1, cfg.steps + 1):
         t0 = time.perf_counter()
-        batch = next(batches)
+        micro = [next(batches) for _ in range(micro_batches)]
         t1 = time.perf_counter()
-        loss, _ = policy(batch)
-        loss.backward()
+        for batch in micro:
+            loss, _ = policy(batch)
+            (loss / micro_batches if micro_batches > 1 else loss).backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), o.grad_clip_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if averages is not None:
+            _update_averages(averages, policy, min(cfg.ema.decay, step / (9 + step)))
         t2 = time.perf_counter()
         window_data, window_busy = window_data + (t1 - t0), window_busy + (t2 - t0)
         if step % cfg.log_every == 0:  # the same windows robotrain logs
@@ -174,6 +187,12 @@ def run_bare(cfg) -> Measured:
             window_data, window_busy = 0.0, 0.0
     del batches
     return _measured(steps, stamps, data_s, busy_s)
+
+
+@torch.no_grad()
+def _update_averages(averages: list[torch.Tensor], policy, decay: float) -> None:
+    for average, param in zip(averages, policy.parameters()):
+        average.mul_(decay).add_(param, alpha=1 - decay)
 
 
 def profile(cfg, scratch: Path, top: int) -> None:
@@ -197,6 +216,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
     parser.add_argument("--profile", action="store_true", help="also cProfile one robotrain run per num_workers")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="training options to measure, each against a bare loop doing the same math")
     args = parser.parse_args()
     # One intra-op thread by default: on a small shared machine a 2-thread OpenMP GEMM stalls
     # whenever another tenant takes one core, and we measured the same run swinging between
@@ -207,8 +228,8 @@ def main() -> None:
 
     scratch = Path(tempfile.mkdtemp(prefix="robotrain-overhead-"))
     try:
-        for num_workers in args.workers:
-            cfg = compose(overrides(args, num_workers))
+        for variant, num_workers in [(v, w) for v in args.variants for w in args.workers]:
+            cfg = compose(overrides(args, num_workers, variant))
             data.prepare(cfg.dataset)  # generate the dataset (once, cached) outside any timing
             results = interleaved(
                 {"robotrain": lambda: run_robotrain(cfg, scratch), "bare": lambda: run_bare(cfg)}, args.repeats
@@ -220,7 +241,7 @@ def main() -> None:
             ratio = median([a / b for a, b in zip(ours_sps, bare_sps)])
             wait_ours, wait_bare = median([m.data_wait for m in ours]), median([m.data_wait for m in bare])
             print(
-                f"overhead (num_workers={num_workers}): robotrain/bare = {ratio:.3f} (target >= 0.98); "
+                f"overhead ({variant}, num_workers={num_workers}): robotrain/bare = {ratio:.3f} (target >= 0.98); "
                 f"data wait robotrain {100 * wait_ours:.1f}% bare {100 * wait_bare:.1f}% (target <= 2%)"
             )
             print(
