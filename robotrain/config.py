@@ -48,6 +48,8 @@ def field_default(f: dataclasses.Field) -> Any:
 
 #: `precision` values (see robotrain.precision).
 PRECISIONS = ("fp32", "bf16", "fp16")
+#: `compile.mode` values (torch.compile's; see robotrain.compilation).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -435,6 +437,19 @@ class EmaConfig:
 
 
 @dataclass
+class CompileConfig:
+    """torch.compile of the policy's training forward (see robotrain.compilation)."""
+
+    enabled: bool = False
+    """Compile the forward in place (state dict keys unchanged); without a working backend, warn and train eagerly."""
+    mode: str = "default"
+    """torch.compile mode: default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs."""
+
+    def __post_init__(self) -> None:
+        _require(self.mode in COMPILE_MODES, f"compile.mode must be one of {', '.join(COMPILE_MODES)}, got {self.mode!r}")
+
+
+@dataclass
 class CheckpointConfig:
     """When checkpoints are written under `<run_dir>/checkpoints/`."""
 
@@ -572,6 +587,8 @@ class TrainConfig:
     """Several processes: DDP or FSDP."""
     ema: EmaConfig = field(default_factory=EmaConfig)
     """An exponential moving average of the trained weights."""
+    compile: CompileConfig = field(default_factory=CompileConfig)
+    """torch.compile of the policy's forward."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and retention."""
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -647,6 +664,9 @@ def parse(cfg: DictConfig | dict) -> TrainConfig:
     # Here, before a policy fetches a tokenizer or backbone weights it would not be adapted from.
     _require(train.peft.method == "none" or bool(train.policy.pretrained_path),
              f"peft={train.peft.method} adapts a pretrained policy: set policy.pretrained_path=<folder or repo id>")
+    _require(not (train.compile.enabled and getattr(train.policy, "compile_model", False)),
+             "compile.enabled=true compiles the whole policy and policy.compile_model=true a part of it: "
+             "use one of the two")
     return train
 
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from robotrain import checkpoint, checkpoint_layout as layout, data, distributed, global_batch, peft, policies, \
-    pretrained, strategy, tracking
+from robotrain import checkpoint, checkpoint_layout as layout, compilation, data, distributed, global_batch, peft, \
+    policies, pretrained, strategy, tracking
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader, to_device
 from robotrain.data.sampler import DataPosition, EpisodeAwareSampler
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
 
     # Policy (adapted, sharded or replicated), optimizer and schedule.
     parallel = strategy.make(cfg.distributed.strategy)
-    model = parallel.prepare(_build_policy(cfg, dataset), accelerator)
+    model = parallel.prepare(_build_policy(cfg, dataset, accelerator.device), accelerator)
     optimizer = make_optimizer(model.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.scheduler, cfg.steps)
     if accelerator.num_processes > 1:
@@ -185,12 +185,16 @@ def _open_data(cfg: TrainConfig, accelerator: Accelerator):
     return dataset, sampler
 
 
-def _build_policy(cfg: TrainConfig, dataset):
-    """The policy for this run: built (from pretrained weights if asked) and adapted (PEFT)."""
+def _build_policy(cfg: TrainConfig, dataset, device):
+    """The policy for this run: built (from pretrained weights if asked), adapted (PEFT) and,
+    with compile.enabled, its forward compiled (in place: the same state dict keys)."""
     folders = pretrained.local_folders(cfg.policy.pretrained_path, cfg.policy.pretrained_revision) \
         if cfg.policy.pretrained_path else []
-    return peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats, folders),
-                      cfg.peft, cfg.policy)
+    policy = peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats, folders),
+                        cfg.peft, cfg.policy)
+    if cfg.compile.enabled:
+        compilation.apply(policy, cfg.compile.mode, device)
+    return policy
 
 
 def _checkpoints(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, parallel, model, optimizer,

@@ -106,6 +106,7 @@ def test_bf16_training_differs_from_fp32_and_resumes_bit_exactly(module_cli, tmp
     (["precision=fp16"], "precision=fp16 needs a GPU"),
     (["grad_accum_steps=0"], "grad_accum_steps must be >= 1, got 0"),
     (["ema.decay=1.5"], "ema.decay must be in (0, 1), got 1.5"),
+    (["compile.mode=fastest"], "compile.mode must be one of default, reduce-overhead, max-autotune"),
 ])
 def test_bad_training_options_are_one_line_errors(module_cli, tmp_path, args, expected):
     done = module_cli.run(*RUN, *args, f"hydra.run.dir={tmp_path / 'run'}")
@@ -269,3 +270,46 @@ def test_metrics_report_the_peak_memory_of_the_largest_process(module_cli, tmp_p
     single = train(module_cli, tmp_path / "single", "batch_size=8")
     lines = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert lines and all(100 < line["peak_memory_mb"] < 1024 for line in lines)
+
+
+# -- torch.compile ------------------------------------------------------------------------------
+
+#: Writes how many graphs torch.compile produced in the process (the probe of the backend is one).
+COUNT_GRAPHS = """
+import atexit, os
+def _write():
+    import sys
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    graphs = dynamo.counters["stats"]["unique_graphs"] if dynamo is not None else 0
+    open(os.environ["GRAPHS_OUT"], "w").write(str(graphs))
+atexit.register(_write)
+"""
+
+
+@pytest.mark.slow
+def test_compile_compiles_the_forward_keeps_plain_keys_and_resumes_bit_exactly(module_cli, tmp_path):
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(COUNT_GRAPHS)
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")])),
+           "GRAPHS_OUT": str(tmp_path / "graphs")}
+    run = train(module_cli, tmp_path / "run", "compile.enabled=true", env=env)
+    assert int((tmp_path / "graphs").read_text()) >= 2  # the backend's probe, and the policy's forward
+    plain = train(module_cli, tmp_path / "plain")
+    assert sorted(weights(run)) == sorted(weights(plain))  # no _orig_mod. prefixes
+    assert largest_difference(weights(run), weights(plain)) < 1e-5  # the same math, other kernels
+    assert_same_tensors(weights(resumed(module_cli, run, "compile.enabled=true")), weights(run))
+
+
+def test_compile_without_a_backend_warns_once_and_trains(module_cli, tmp_path):
+    done = type(module_cli)(env={**module_cli.env, "CXX": "/nonexistent/c++"}, cwd=module_cli.cwd).run(
+        *RUN, "compile.enabled=true", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = done.stdout + done.stderr
+    assert said.count("torch.compile cannot run here") == 1 and "Traceback" not in said
+    assert (tmp_path / "run" / "checkpoints" / "000004").is_dir()
+
+
+def test_compile_and_a_policys_own_compile_switch_are_not_both_on(module_cli, tmp_path):
+    done = module_cli.run(*RUN, *TINY_DIFFUSION, "compile.enabled=true", "policy.compile_model=true",
+                          f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(done, "use one of the two")
