@@ -119,3 +119,27 @@ def assert_one_line_error(done: subprocess.CompletedProcess, expected: str) -> s
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]
     assert lines[0].startswith("robotrain: error: ") and expected in lines[0], lines[0]
     return lines[0]
+
+
+def loss_and_gradients(policy, batch: dict, watched: torch.nn.Module) -> tuple[torch.Tensor, dict, int]:
+    """One training forward and backward of `policy` on `batch` (its noise drawn from a fixed
+    (seed, step)): (loss, gradients by parameter name, how many times `watched` ran)."""
+    from robotrain import global_batch
+
+    calls = []
+    hook = watched.register_forward_hook(lambda *_: calls.append(1))
+    policy.train()
+    try:
+        with global_batch.step(0, 0):
+            loss, _ = policy(batch)
+        loss.backward()
+    finally:
+        hook.remove()
+    grads = {name: p.grad.detach().clone() for name, p in policy.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, len(calls)
+
+
+def assert_close_gradients(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys() and a
+    worst = max(((a[k] - b[k]).abs().max().item(), k) for k in a)
+    assert worst[0] <= atol, worst

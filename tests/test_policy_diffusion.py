@@ -21,6 +21,7 @@ from robotrain.data.reading import LeRobotDataset
 from robotrain.errors import UserError
 from robotrain.eval import observation_to_batch
 from robotrain.policies.diffusion import DiffusionConfig, DiffusionPolicy, make_noise_scheduler
+from tests.conftest import assert_close_gradients, loss_and_gradients
 
 KEYS = Path(__file__).parent / "data" / "lerobot_keys"
 LEROBOT_TINY = json.loads((KEYS / "diffusion_keys.json").read_text())
@@ -352,3 +353,15 @@ def test_the_cli_reports_a_bad_crop_in_one_line(cli, tmp_path):
     assert done.returncode == 2
     assert [line for line in done.stderr.splitlines() if line.strip()] == [
         "robotrain: error: policy.crop_shape=[84, 84] does not fit the 32x32 images; use at most [32, 32] or null"]
+
+
+def test_gradient_checkpointing_recomputes_the_unet_blocks_with_the_same_loss_and_gradients(dataset):
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
+    results = {}
+    for on in (False, True):
+        policy = make_policy(dataset, gradient_checkpointing=on)
+        results[on] = loss_and_gradients(policy, batch, policy.diffusion.unet.mid_modules[0].conv1)
+    (loss, grads, calls), (loss_gc, grads_gc, calls_gc) = results[False], results[True]
+    assert (calls, calls_gc) == (1, 2)  # the block ran again in the backward pass
+    assert torch.allclose(loss, loss_gc, rtol=0, atol=1e-6)
+    assert_close_gradients(grads, grads_gc, atol=1e-6)

@@ -19,7 +19,7 @@ from robotrain.data import synthetic
 from robotrain.data.reading import LeRobotDataset
 from robotrain.errors import UserError
 from robotrain.eval import observation_to_batch
-from tests.conftest import REPO_ROOT, assert_one_line_error
+from tests.conftest import REPO_ROOT, assert_close_gradients, assert_one_line_error, loss_and_gradients
 from tests.smolvlm_tiny import build_tiny_smolvlm
 
 KEYS = REPO_ROOT / "tests" / "data" / "lerobot_keys"
@@ -245,3 +245,16 @@ def test_transformers_is_imported_only_to_build_the_model():
             "policies.policy_config_class('smolvla')(); print('transformers' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_gradient_checkpointing_recomputes_the_layers_with_the_same_loss_and_gradients(dataset, tiny_vlm):
+    batch = torch.utils.data.default_collate([dataset[i] for i in range(4)])
+    results = {}
+    for on in (False, True):
+        policy = make_policy(dataset, tiny_vlm, gradient_checkpointing=on)
+        watched = policy.model.vlm_with_expert.vlm.model.text_model.layers[0].mlp
+        results[on] = loss_and_gradients(policy, batch, watched)
+    (loss, grads, calls), (loss_gc, grads_gc, calls_gc) = results[False], results[True]
+    assert calls_gc == 2 * calls > 0  # every layer ran again in the backward pass
+    assert torch.allclose(loss, loss_gc, rtol=0, atol=1e-6)
+    assert_close_gradients(grads, grads_gc, atol=1e-6)

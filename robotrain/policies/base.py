@@ -73,11 +73,15 @@ class PolicyConfig:
             if mode not in ("MEAN_STD", "MIN_MAX", "IDENTITY"):
                 raise UserError(f"policy.normalization_mapping.{kind} must be MEAN_STD, MIN_MAX or IDENTITY, got {mode!r}")
 
+    #: robotrain's own fields, left out of config.json: LeRobot's config parser refuses unknown keys.
+    robotrain_fields: ClassVar[tuple[str, ...]] = ("pretrained_revision",)
+
     def to_lerobot_dict(self) -> dict[str, Any]:
         """config.json content in LeRobot's order: `type`, PreTrainedConfig's fields (features,
         then device... license, pretrained_path), then the policy's own fields."""
         body = asdict(self)
-        body.pop("pretrained_revision")  # robotrain's own field: LeRobot's config parser refuses unknown keys
+        for name in self.robotrain_fields:
+            body.pop(name)
         head = {key: body.pop(key) for key in ("type", "n_obs_steps", "input_features", "output_features")}
         head.update({"device": "cpu", "use_amp": False, "use_peft": False, "push_to_hub": False,
                      "repo_id": None, "private": None, "tags": None, "license": None,

@@ -30,12 +30,13 @@ import logging
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from robotrain import global_batch
 from robotrain.errors import UserError
@@ -148,6 +149,11 @@ class DiffusionConfig(PolicyConfig):
     """torch.compile mode when compile_model is true."""
     do_mask_loss_for_padding: bool = False
     """Zero the loss on actions past the episode end (the original implementation does not)."""
+    gradient_checkpointing: bool = False
+    """Recompute the U-Net's residual blocks in the backward pass instead of keeping their activations."""
+
+    # A training setting: config.json keeps the key set LeRobot 0.4.4 and 0.6.1 both load.
+    robotrain_fields: ClassVar[tuple[str, ...]] = (*PolicyConfig.robotrain_fields, "gradient_checkpointing")
     optimizer_lr: float = 1e-4
     """LeRobot's optimizer preset, kept for config.json; robotrain trains with optim.*."""
     optimizer_betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
@@ -530,16 +536,21 @@ class DiffusionConditionalUnet1d(nn.Module):
         feature = self.diffusion_step_encoder(timestep)
         if global_cond is not None:
             feature = torch.cat([feature, global_cond], dim=-1)
+        recompute = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+        def block(module: nn.Module, x: Tensor) -> Tensor:  # LeRobot 0.6.1 recomputes exactly these
+            return checkpoint(module, x, feature, use_reentrant=False) if recompute else module(x, feature)
+
         skips: list[Tensor] = []
         for resnet, resnet2, downsample in self.down_modules:
-            x = resnet2(resnet(x, feature), feature)
+            x = block(resnet2, block(resnet, x))
             skips.append(x)
             x = downsample(x)
         for mid in self.mid_modules:
-            x = mid(x, feature)
+            x = block(mid, x)
         for resnet, resnet2, upsample in self.up_modules:
             x = torch.cat((x, skips.pop()), dim=1)
-            x = upsample(resnet2(resnet(x, feature), feature))
+            x = upsample(block(resnet2, block(resnet, x)))
         return self.final_conv(x).transpose(1, 2)
 
 

@@ -48,9 +48,10 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
+from torch.utils.checkpoint import checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -147,6 +148,10 @@ class SmolVLAConfig(PolicyConfig):
     """torch.compile the model's forward and sampler."""
     compile_mode: str = "max-autotune"
     """torch.compile mode."""
+    gradient_checkpointing: bool = False
+    """Recompute each transformer layer (VLM and expert) in the backward pass instead of keeping its activations."""
+
+    robotrain_fields: ClassVar[tuple[str, ...]] = (*PolicyConfig.robotrain_fields, "gradient_checkpointing")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -294,6 +299,7 @@ class SmolVLMWithExpertModel(nn.Module):
         self.num_expert_layers = len(self.lm_expert.layers)
         self.self_attn_every_n_layers = config.self_attn_every_n_layers
         self.attention_mode = config.attention_mode
+        self.gradient_checkpointing = config.gradient_checkpointing
         if "cross" in self.attention_mode:
             # Cross-attention layers read the VLM's keys/values: their k/v projections take the VLM's kv width.
             kv_in = text_config.num_key_value_heads * text_config.head_dim
@@ -455,37 +461,49 @@ class SmolVLMWithExpertModel(nn.Module):
         models = [self.vlm.model.text_model, self.lm_expert]
         model_layers = self.get_model_layers()
         batch_size = next(h for h in inputs_embeds if h is not None).shape[0]
+        # Recomputing a layer in the backward pass needs it to be a pure function of its inputs: no cache.
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not use_cache
         for layer_idx in range(self.num_vlm_layers):
-            if fill_kv_cache or "cross" not in self.attention_mode or self._is_self_attn_layer(layer_idx):
-                att_outputs, past_key_values = self.forward_attn_layer(
-                    model_layers, inputs_embeds, layer_idx, position_ids, attention_mask, batch_size,
-                    use_cache, fill_kv_cache, past_key_values)
+            args = (model_layers, inputs_embeds, layer_idx, position_ids, attention_mask, batch_size, use_cache,
+                    fill_kv_cache, past_key_values)
+            if recompute:
+                inputs_embeds, past_key_values = checkpoint(self._layer, *args, use_reentrant=False)
             else:
-                att_outputs, past_key_values = self.forward_cross_attn_layer(
-                    model_layers, inputs_embeds, layer_idx, position_ids, attention_mask, batch_size,
-                    use_cache, fill_kv_cache, past_key_values)
-            outputs, start = [], 0
-            for i, hidden_states in enumerate(inputs_embeds):
-                layer = model_layers[i][layer_idx]
-                att_output = att_outputs[i] if i < len(att_outputs) else att_outputs[0]
-                if hidden_states is None:
-                    outputs.append(None)
-                    continue
-                if layer is None:
-                    outputs.append(hidden_states)
-                    continue
-                end = start + hidden_states.shape[1]
-                att_output = att_output.to(layer.self_attn.o_proj.weight.dtype)
-                # In-place adds keep the layer's dtype (bfloat16 with pretrained VLM weights), as in LeRobot.
-                out = layer.self_attn.o_proj(att_output[:, start:end])
-                out += hidden_states
-                residual = out.clone()
-                out = layer.mlp(layer.post_attention_layernorm(out))
-                out += residual
-                outputs.append(out)
-                start = end if len(att_outputs) == 1 else 0
-            inputs_embeds = outputs
+                inputs_embeds, past_key_values = self._layer(*args)
         return [models[i].norm(h) if h is not None else None for i, h in enumerate(inputs_embeds)], past_key_values
+
+    def _layer(self, model_layers, inputs_embeds, layer_idx, position_ids, attention_mask, batch_size, use_cache,
+               fill_kv_cache, past_key_values):
+        """Layer `layer_idx` of both streams: (their outputs, the key/value cache)."""
+        if fill_kv_cache or "cross" not in self.attention_mode or self._is_self_attn_layer(layer_idx):
+            att_outputs, past_key_values = self.forward_attn_layer(
+                model_layers, inputs_embeds, layer_idx, position_ids, attention_mask, batch_size,
+                use_cache, fill_kv_cache, past_key_values)
+        else:
+            att_outputs, past_key_values = self.forward_cross_attn_layer(
+                model_layers, inputs_embeds, layer_idx, position_ids, attention_mask, batch_size,
+                use_cache, fill_kv_cache, past_key_values)
+        outputs, start = [], 0
+        for i, hidden_states in enumerate(inputs_embeds):
+            layer = model_layers[i][layer_idx]
+            att_output = att_outputs[i] if i < len(att_outputs) else att_outputs[0]
+            if hidden_states is None:
+                outputs.append(None)
+                continue
+            if layer is None:
+                outputs.append(hidden_states)
+                continue
+            end = start + hidden_states.shape[1]
+            att_output = att_output.to(layer.self_attn.o_proj.weight.dtype)
+            # In-place adds keep the layer's dtype (bfloat16 with pretrained VLM weights), as in LeRobot.
+            out = layer.self_attn.o_proj(att_output[:, start:end])
+            out += hidden_states
+            residual = out.clone()
+            out = layer.mlp(layer.post_attention_layernorm(out))
+            out += residual
+            outputs.append(out)
+            start = end if len(att_outputs) == 1 else 0
+        return outputs, past_key_values
 
     def eager_attention_forward(self, attention_mask, batch_size, query_states, key_states, value_states):
         """Grouped-query attention in float32 with a boolean mask [B, Lq, Lk]; returns [B, Lq, H*D]."""
