@@ -2,8 +2,9 @@
 
 tests/data/checkpoint_reference/ holds the step folders of `tests.checkpoint_reference.RUNS`,
 written at commit 31ebf37 (before `robotrain.checkpoint.CheckpointManager`). The same runs
-made now must write the same files: JSON byte for byte, safetensors with the same header
-bytes and the same tensors. Two things vary from one run to the next on any code, so they
+made now must write the same files: JSON byte for byte (train_config.json: the same values,
+plus the options added since and minus other job targets' fields), safetensors with the same
+header bytes and the same tensors. Two things vary from one run to the next on any code, so they
 are compared by meaning: the order of PEFT's `target_modules` (a Python set: hash order) and
 the headers of FSDP's DCP shards (their metadata); their tensors must still be equal.
 
@@ -57,13 +58,33 @@ def assert_same_tensors(name: str, ours: bytes, theirs: bytes) -> None:
             assert torch.equal(a[key], b[key]), f"{name}: {key}"
 
 
+#: Options added to the run's config since the reference was written (train_config.json gains
+#: them at their defaults): issue 15's training options.
+NEW_OPTIONS = {"grad_accum_steps", "precision", "ema", "compile"}
+
+
+def assert_same_train_config(name: str, ours: dict, theirs: dict) -> None:
+    """The run's config as before, but for what was meant to change: the options added since,
+    and the `job` node, which holds only its target's fields since each target has its own
+    schema (issue 14), with the values it had."""
+    assert set(ours) - set(theirs) == NEW_OPTIONS, name
+    assert set(theirs) <= set(ours), name
+    for key, value in theirs.items():
+        if key == "job":
+            assert ours["job"].items() <= value.items(), name
+        else:
+            assert ours[key] == value, f"{name}: {key}"
+
+
 @pytest.mark.slow
 def test_an_unchanged_run_writes_the_same_files_as_before_the_checkpoint_manager(remade):
     expected = reference_files()
     assert sorted(remade) == sorted(expected)
     for name, path in expected.items():
         ours, theirs = remade[name], path.read_bytes()
-        if name.endswith("adapter_config.json"):
+        if name.endswith("train_config.json"):
+            assert_same_train_config(name, json.loads(ours), json.loads(theirs))
+        elif name.endswith("adapter_config.json"):
             a, b = json.loads(ours), json.loads(theirs)
             assert sorted(a.pop("target_modules")) == sorted(b.pop("target_modules")), name
             assert a == b, name
