@@ -75,6 +75,63 @@ class SyntheticConfig:
         _require(8 <= self.image_size <= 256, f"dataset.synthetic.image_size must be in [8, 256], got {self.image_size}")
 
 
+#: Image augmentation types (`dataset.image_transforms.tfs.<name>.type`) and the keywords each
+#: reads its range from (see robotrain.augmentation).
+AUGMENTATION_TYPES = {"ColorJitter": ("brightness", "contrast", "saturation", "hue"),
+                      "SharpnessJitter": ("sharpness",), "RandomAffine": ("degrees", "translate"), "Identity": ()}
+
+
+@dataclass
+class ImageTransformConfig:
+    """One augmentation, as LeRobot's `ImageTransformConfig`."""
+
+    weight: float = 1.0
+    """Probability weight of drawing this transform for an image (0 leaves it out)."""
+    type: str = "Identity"
+    """ColorJitter, SharpnessJitter, RandomAffine or Identity."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """The range to draw its parameter from, e.g. {brightness: [0.8, 1.2]}."""
+
+
+def _lerobot_transforms() -> dict[str, ImageTransformConfig]:
+    """LeRobot 0.6.1's default transforms and ranges."""
+    return {
+        "brightness": ImageTransformConfig(1.0, "ColorJitter", {"brightness": [0.8, 1.2]}),
+        "contrast": ImageTransformConfig(1.0, "ColorJitter", {"contrast": [0.8, 1.2]}),
+        "saturation": ImageTransformConfig(1.0, "ColorJitter", {"saturation": [0.5, 1.5]}),
+        "hue": ImageTransformConfig(1.0, "ColorJitter", {"hue": [-0.05, 0.05]}),
+        "sharpness": ImageTransformConfig(1.0, "SharpnessJitter", {"sharpness": [0.5, 1.5]}),
+        "affine": ImageTransformConfig(1.0, "RandomAffine", {"degrees": [-5.0, 5.0], "translate": [0.05, 0.05]}),
+    }
+
+
+@dataclass
+class ImageTransformsConfig:
+    """Training-time image augmentation, with LeRobot's names and defaults (see robotrain.augmentation)."""
+
+    enable: bool = False
+    """Augment the camera frames of training batches."""
+    max_num_transforms: int = 3
+    """Transforms drawn (without replacement, by weight) for each camera image of a sample."""
+    random_order: bool = False
+    """Apply the drawn transforms in a random order instead of the order of tfs."""
+    tfs: dict[str, ImageTransformConfig] = field(default_factory=_lerobot_transforms)
+    """The transforms to draw from, by name."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_transforms >= 0,
+                 f"dataset.image_transforms.max_num_transforms must be >= 0, got {self.max_num_transforms}")
+        for name, tf in self.tfs.items():
+            _require(tf.type in AUGMENTATION_TYPES,
+                     f"dataset.image_transforms.tfs.{name}.type={tf.type!r} is not an augmentation robotrain has; "
+                     f"use one of {', '.join(AUGMENTATION_TYPES)}")
+            wanted = AUGMENTATION_TYPES[tf.type]
+            _require(set(tf.kwargs) <= set(wanted) and (tf.type != "ColorJitter" or len(tf.kwargs) == 1),
+                     f"dataset.image_transforms.tfs.{name}.kwargs must hold "
+                     f"{'one of ' if tf.type == 'ColorJitter' else ''}{', '.join(wanted) or 'nothing'} for {tf.type}, "
+                     f"got {sorted(tf.kwargs)}")
+
+
 @dataclass
 class DatasetConfig:
     """Which LeRobot-format dataset to train on."""
@@ -101,6 +158,8 @@ class DatasetConfig:
     """Decode video on `cpu`, or on the training `cuda` device (torchcodec NVDEC; needs num_workers=0)."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """Generator settings for the embedded task."""
+    image_transforms: ImageTransformsConfig = field(default_factory=ImageTransformsConfig)
+    """Image augmentation of training batches (LeRobot's names and defaults)."""
 
     @property
     def is_synthetic(self) -> bool:

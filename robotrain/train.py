@@ -125,7 +125,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
         out.evaluator.run(policy, step, label="untrained")
 
     stream = batches(loader, cfg.prefetch)
-    training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler, ema)
+    training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler, ema,
+                         _augmenter(cfg, dataset, position, accelerator, run_dir))
     try:
         step = result.step = _steps(training, stream, out, saver, step)
         if result.preempted_by is None:
@@ -218,6 +219,28 @@ def _checkpoints(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, para
     return manager
 
 
+def _augmenter(cfg: TrainConfig, dataset, position: DataPosition, accelerator: Accelerator, run_dir: Path):
+    """What augments a training micro-batch on the device (dataset.image_transforms), or None:
+    each sample by its global position, so that resumes and any split augment it alike. The
+    main process saves its first batch before and after as <run_dir>/augmentations.png."""
+    transforms = cfg.dataset.image_transforms
+    if not transforms.enable or not dataset.meta.camera_keys:
+        return None
+    from robotrain import augmentation
+
+    augment = augmentation.Augmentation(transforms, cfg.seed, dataset.meta.camera_keys)
+    preview = [accelerator.is_main_process]
+
+    def apply(batch: dict, step: int, micro: int) -> dict:
+        augmented = augment(batch, position.rows(step, micro, accelerator.process_index).tolist())
+        if preview[0]:
+            augmentation.save_preview(run_dir / "augmentations.png", batch, augmented, dataset.meta.camera_keys)
+            preview[0] = False
+        return augmented
+
+    return apply
+
+
 def _published(cfg: TrainConfig, ema: Ema | None):
     """The context in which the model holds what is evaluated and published: the EMA averages
     with ema.for_eval, else None (the weights themselves)."""
@@ -306,6 +329,8 @@ class _Training:
     optimizer: Any
     scheduler: Any
     ema: Ema | None = None
+    augment: Any = None
+    """(batch on the device, step, micro-batch) -> the batch with its camera frames augmented."""
 
     def update(self, micro_batches: list[dict], step: int):
         """One optimizer step on `grad_accum_steps` micro-batches; returns (loss, grad norm or
@@ -318,9 +343,12 @@ class _Training:
             # Gradients are reduced across processes once per step, on the last micro-batch.
             with self.parallel.syncing(self.policy, accelerator, sync=micro == count - 1):
                 # The policy's noise and masked means come from the global batch: any split trains alike.
+                batch = to_device(batch, accelerator.device)
+                if self.augment is not None:
+                    batch = self.augment(batch, step, micro)
                 with global_batch.step(cfg.seed, step, accelerator.process_index, accelerator.num_processes,
                                        micro, count) as share, self.precision.autocast():
-                    loss, _ = self.policy(to_device(batch, accelerator.device))
+                    loss, _ = self.policy(batch)
                 first = share.weight if micro == 0 else first
                 weights.append(share.weight / first if micro else 1.0)  # relative to the first micro-batch's
                 accelerator.backward(self.precision.scale(loss * weights[-1] if micro else loss))

@@ -33,7 +33,8 @@ def test_the_readme_has_examples_for_every_feature():
     commands = " ".join(" ".join(b) for b in BLOCKS)
     for feature in ("peft=lora", "job=slurm", "job=hf", "resume=hub:", "hub.push_checkpoints=true",
                     "dataset=hub", "distributed.processes=2", "torchrun", "tracker=", "dataset.synthetic.video=true",
-                    "dataset.root=/path/to/so101_pick", "precision=bf16", "grad_accum_steps=", "ema.enabled=true"):
+                    "dataset.root=/path/to/so101_pick", "precision=bf16", "grad_accum_steps=", "ema.enabled=true",
+                    "dataset.image_transforms.enable=true"):
         assert feature in commands, feature
 
 

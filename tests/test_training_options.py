@@ -145,7 +145,7 @@ def test_accumulation_and_ema_on_two_processes_train_like_one_big_batch(module_c
 @pytest.mark.parametrize("processes, strategy", [(1, "ddp"), (2, "ddp"), (2, "fsdp")])
 def test_every_option_at_once_resumes_bit_exactly(module_cli, tmp_path, processes, strategy):
     options = ["precision=bf16", "grad_accum_steps=2", "batch_size=4", "ema.enabled=true",
-               f"distributed.strategy={strategy}"]
+               "dataset.image_transforms.enable=true", f"distributed.strategy={strategy}"]
     run = train(module_cli, tmp_path / "run", *options, processes=processes)
     again = resumed(module_cli, run, *options, processes=processes)
     assert_same_tensors(weights(again), weights(run))
@@ -313,3 +313,76 @@ def test_compile_and_a_policys_own_compile_switch_are_not_both_on(module_cli, tm
     done = module_cli.run(*RUN, *TINY_DIFFUSION, "compile.enabled=true", "policy.compile_model=true",
                           f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_line_error(done, "use one of the two")
+
+
+# -- image augmentation -----------------------------------------------------------------------
+
+AUGMENT = ["dataset.image_transforms.enable=true"]
+
+
+def lerobot_transforms(**changes):
+    from robotrain.config import ImageTransformsConfig
+
+    cfg = ImageTransformsConfig(enable=True)
+    for key, value in changes.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def test_a_samples_augmentation_depends_only_on_the_seed_and_its_position():
+    from robotrain.augmentation import Augmentation
+
+    augment = Augmentation(lerobot_transforms(), seed=0, camera_keys=["observation.image"])
+    frames = torch.rand(3, 2, 3, 32, 32)  # 3 samples, 2 history frames
+    whole = augment({"observation.image": frames}, [10, 11, 12])["observation.image"]
+    alone = augment({"observation.image": frames[1:2]}, [11])["observation.image"]
+    assert torch.equal(whole[1], alone[0])  # the same sample at the same position, in any batch
+    assert not torch.equal(whole[1], frames[1])  # it was changed
+    moved = augment({"observation.image": frames[1:2]}, [12])["observation.image"]
+    assert not torch.equal(moved[0], alone[0])  # another position draws otherwise
+    other_seed = Augmentation(lerobot_transforms(), seed=1, camera_keys=["observation.image"])
+    assert not torch.equal(other_seed({"observation.image": frames[1:2]}, [11])["observation.image"][0], alone[0])
+
+
+def test_the_kernels_leave_an_image_alone_at_their_neutral_parameter():
+    from robotrain import augmentation as aug
+
+    image = torch.rand(2, 3, 16, 16)
+    for kernel, neutral in ((aug.adjust_brightness, 1.0), (aug.adjust_contrast, 1.0), (aug.adjust_saturation, 1.0),
+                            (aug.adjust_sharpness, 1.0)):
+        assert torch.equal(kernel(image, neutral), image), kernel.__name__
+    assert torch.allclose(aug.adjust_hue(image, 0.0), image, atol=1e-6)
+    assert torch.equal(aug.affine(image, 0.0, (0.0, 0.0)), image)
+    gray = aug.adjust_saturation(image, 0.0)
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    assert torch.allclose(aug.adjust_hue(image, 1.0), image, atol=1e-5)  # a full turn
+    shifted = aug.affine(image, 0.0, (0.25, 0.0))  # a quarter of the width to the right
+    assert torch.equal(shifted[..., 4:], image[..., :-4]) and not shifted[..., :4].any()
+
+
+def test_only_the_drawn_number_of_transforms_is_applied():
+    from robotrain.augmentation import Augmentation
+
+    cfg = lerobot_transforms(max_num_transforms=1)
+    for name in list(cfg.tfs)[1:]:
+        cfg.tfs[name].weight = 0.0  # brightness only
+    augment = Augmentation(cfg, seed=0, camera_keys=["cam"])
+    frames = torch.full((4, 3, 8, 8), 0.5)
+    out = augment({"cam": frames}, [0, 1, 2, 3])["cam"]
+    factors = out[:, 0, 0, 0] / 0.5
+    assert torch.allclose(out, factors[:, None, None, None] * 0.5)  # a uniform brightness change, nothing else
+    assert ((factors >= 0.8) & (factors <= 1.2)).all() and factors.unique().numel() == 4
+
+
+def test_augmented_training_writes_a_preview_and_resumes_bit_exactly(module_cli, tmp_path):
+    run = train(module_cli, tmp_path / "run", *AUGMENT)
+    assert (run / "augmentations.png").stat().st_size > 0
+    plain = train(module_cli, tmp_path / "plain")
+    assert largest_difference(weights(run), weights(plain)) > 1e-6  # the policy saw other images
+    assert_same_tensors(weights(resumed(module_cli, run, *AUGMENT)), weights(run))
+
+
+def test_an_augmentation_robotrain_does_not_have_is_a_one_line_error(module_cli, tmp_path):
+    done = module_cli.run(*RUN, *AUGMENT, "dataset.image_transforms.tfs.hue.type=GaussianBlur",
+                          f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(done, "dataset.image_transforms.tfs.hue.type='GaussianBlur' is not an augmentation")

@@ -463,7 +463,16 @@ class DataPosition:
     @property
     def sample_position(self) -> int:
         """The global sample position after `step` steps."""
-        return self.batches(0).position_after((self.step - self._start[0]) * self.grad_accum_steps)
+        return self.position_at(self.step)
+
+    def position_at(self, step: int) -> int:
+        """The global sample position of optimizer step `step`'s first sample."""
+        return self.batches(0).position_after((step - self._start[0]) * self.grad_accum_steps)
+
+    def rows(self, step: int, micro: int, rank: int) -> np.ndarray:
+        """The global sample positions of micro-batch `micro` of step `step` on process `rank`."""
+        first = self.position_at(step) + (micro * self.num_processes + rank) * self.batch_size
+        return np.arange(first, first + self.batch_size, dtype=np.int64)
 
     def state_dict(self) -> dict[str, Any]:
         position = self.sample_position
