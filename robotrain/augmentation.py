@@ -76,6 +76,27 @@ class Augmentation:
         return frames
 
 
+def for_training(cfg, seed: int, camera_keys: Sequence[str], position, rank: int, preview_dir: Path | None):
+    """What augments a training micro-batch on the device, `(batch, step, micro) -> batch`, or
+    None when `cfg` (dataset.image_transforms) is off or there is no camera: each sample by its
+    global position (`position`: the run's `DataPosition`), so that resumes and any split of
+    the global batch augment it alike. With `preview_dir` (the main process's run dir) the
+    first batch before and after is saved there as augmentations.png."""
+    if not cfg.enable or not camera_keys:
+        return None
+    augment = Augmentation(cfg, seed, camera_keys)
+    preview = [preview_dir]
+
+    def apply(batch: dict, step: int, micro: int) -> dict:
+        augmented = augment(batch, position.rows(step, micro, rank).tolist())
+        if preview[0] is not None:
+            save_preview(preview[0] / "augmentations.png", batch, augmented, camera_keys)
+            preview[0] = None
+        return augmented
+
+    return apply
+
+
 def _uniform(bounds: Sequence[float], generator: torch.Generator) -> float:
     low, high = float(bounds[0]), float(bounds[1])
     return low + (high - low) * torch.rand(1, generator=generator, dtype=torch.float64).item()

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from robotrain import checkpoint, checkpoint_layout as layout, compilation, data, distributed, global_batch, peft, \
-    policies, pretrained, strategy, tracking
+from robotrain import augmentation, checkpoint, checkpoint_layout as layout, compilation, data, distributed, \
+    global_batch, peft, policies, pretrained, strategy, tracking
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader, to_device
 from robotrain.data.sampler import DataPosition, EpisodeAwareSampler
@@ -63,6 +63,13 @@ class RunResult:
     def return_value(self) -> float | None:
         """What a sweep optimizes: the final evaluation's success rate, if there was one."""
         return self.evals.get(self.step, {}).get("eval/success_rate")
+
+    def finish(self, seconds: float) -> "RunResult":
+        """Record the run's duration and, on the main process, write `<run_dir>/result.json`."""
+        self.seconds = seconds
+        if self.is_main:
+            (self.run_dir / "result.json").write_text(json.dumps(self.summary(), indent=2))
+        return self
 
     def summary(self) -> dict:
         """`<run_dir>/result.json`: how the run ended, for scripts and remote launchers."""
@@ -114,7 +121,6 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
         checkpoints.load(resume.checkpoint_dir)
     policy, optimizer = parallel.wrap(model, optimizer, accelerator)
 
-    loader = _loader(cfg, accelerator, dataset, position)
     step = position.step
     result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
                        is_main=accelerator.is_main_process)
@@ -124,9 +130,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     if resume is None and cfg.eval.at_start:
         out.evaluator.run(policy, step, label="untrained")
 
-    stream = batches(loader, cfg.prefetch)
-    training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler, ema,
-                         _augmenter(cfg, dataset, position, accelerator, run_dir))
+    stream = batches(_loader(cfg, accelerator, dataset, position), cfg.prefetch)
+    augment = augmentation.for_training(cfg.dataset.image_transforms, cfg.seed, dataset.meta.camera_keys, position,
+                                        accelerator.process_index, run_dir if accelerator.is_main_process else None)
+    training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler, ema, augment)
     try:
         step = result.step = _steps(training, stream, out, saver, step)
         if result.preempted_by is None:
@@ -137,10 +144,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
             stream.close()
         out.close()
         result.not_pushed = saver.close()
-    result.seconds = time.perf_counter() - started
-    if accelerator.is_main_process:
-        (run_dir / "result.json").write_text(json.dumps(result.summary(), indent=2))
-    return result
+    return result.finish(time.perf_counter() - started)
 
 
 def _steps(training: "_Training", stream, out: "_Outputs", saver: "_Saver", step: int) -> int:
@@ -217,28 +221,6 @@ def _checkpoints(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, para
     if ema is not None:  # after the model: with for_eval it puts the raw weights back
         manager.register({"ema": EmaState(ema, raw=cfg.ema.for_eval)})
     return manager
-
-
-def _augmenter(cfg: TrainConfig, dataset, position: DataPosition, accelerator: Accelerator, run_dir: Path):
-    """What augments a training micro-batch on the device (dataset.image_transforms), or None:
-    each sample by its global position, so that resumes and any split augment it alike. The
-    main process saves its first batch before and after as <run_dir>/augmentations.png."""
-    transforms = cfg.dataset.image_transforms
-    if not transforms.enable or not dataset.meta.camera_keys:
-        return None
-    from robotrain import augmentation
-
-    augment = augmentation.Augmentation(transforms, cfg.seed, dataset.meta.camera_keys)
-    preview = [accelerator.is_main_process]
-
-    def apply(batch: dict, step: int, micro: int) -> dict:
-        augmented = augment(batch, position.rows(step, micro, accelerator.process_index).tolist())
-        if preview[0]:
-            augmentation.save_preview(run_dir / "augmentations.png", batch, augmented, dataset.meta.camera_keys)
-            preview[0] = False
-        return augmented
-
-    return apply
 
 
 def _published(cfg: TrainConfig, ema: Ema | None):
