@@ -15,8 +15,9 @@ differ only in the code around the math:
   `BatchSampler(RandomSampler)`, and the plainest loop.
 
 Printed per training option (`--variants`: plain, `grad_accum_steps=4` with a quarter of the
-batch per micro-batch, `ema.enabled=true`; the bare loop does the same accumulation or EMA
-update) and num_workers (0 and 2):
+batch per micro-batch, `ema.enabled=true`; the bare loop does the same accumulation — each
+micro-batch weighed by its valid action entries, as robotrain weighs masked means, then the
+gradients divided by the total weight — or the same EMA update) and num_workers (0 and 2):
 - `robotrain/bare`: the median over rounds of (robotrain steps/s / bare steps/s), the two runs
   of a round being adjacent in time (target >= 0.98); the detail line adds each side's median
   steps/s, their ratio and every round's numbers;
@@ -168,9 +169,11 @@ def run_bare(cfg) -> Measured:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(micro_batches)]
         t1 = time.perf_counter()
-        for batch in micro:
-            loss, _ = policy(batch)
-            (loss / micro_batches if micro_batches > 1 else loss).backward()
+        if micro_batches == 1:
+            loss, _ = policy(micro[0])
+            loss.backward()
+        else:
+            _accumulate(policy, micro)
         torch.nn.utils.clip_grad_norm_(policy.parameters(), o.grad_clip_norm)
         optimizer.step()
         scheduler.step()
@@ -187,6 +190,21 @@ def run_bare(cfg) -> Measured:
             window_data, window_busy = 0.0, 0.0
     del batches
     return _measured(steps, stamps, data_s, busy_s)
+
+
+def _accumulate(policy, micro: list[dict]) -> None:
+    """Gradient accumulation with the same math as robotrain's: the MLP's loss is a mean over the
+    valid (not padded) action entries, so each micro-batch weighs by its count of them, and the
+    summed gradients are divided by the total weight."""
+    weights = []
+    for batch in micro:
+        loss, _ = policy(batch)
+        weights.append((~batch["action_is_pad"]).sum() / (~micro[0]["action_is_pad"]).sum() if weights else 1.0)
+        (loss * weights[-1] if len(weights) > 1 else loss).backward()
+    total = float(sum(weights))
+    for param in policy.parameters():
+        if param.grad is not None:
+            param.grad.div_(total)
 
 
 @torch.no_grad()
