@@ -59,14 +59,28 @@ def assert_same_tensors(name: str, ours: bytes, theirs: bytes) -> None:
 
 
 #: Options added to the run's config since the reference was written (train_config.json gains
-#: them at their defaults): issue 15's training options.
-NEW_OPTIONS = {"grad_accum_steps", "precision", "ema", "compile"}
+#: them at their defaults): issue 15's training options, by dotted path.
+NEW_OPTIONS = {"grad_accum_steps", "precision", "ema", "compile", "dataset.image_transforms"}
+
+
+def flat(config: dict, prefix: str = "") -> dict:
+    """{key: value}, with the dataset node's fields one level down (`dataset.<field>`), where a
+    new dataset option appears."""
+    out = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and key in ("dataset",) and not prefix:
+            out.update(flat(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
 
 
 def assert_same_train_config(name: str, ours: dict, theirs: dict) -> None:
     """The run's config as before, but for what was meant to change: the options added since,
     and the `job` node, which holds only its target's fields since each target has its own
     schema (issue 14), with the values it had."""
+    ours, theirs = flat(ours), flat(theirs)
     assert set(ours) - set(theirs) == NEW_OPTIONS, name
     assert set(theirs) <= set(ours), name
     for key, value in theirs.items():
