@@ -115,8 +115,11 @@ def test_remote_dispatch_downloads_nothing_on_the_submitting_machine(jobs_cli, h
 def test_ctrl_c_while_following_detaches_and_the_job_keeps_running(jobs_cli, hub, new_jobs, tmp_path):
     import signal
 
+    # As a foreground command gets it: a suite started in the background (`cmd &` in a script)
+    # inherits SIGINT ignored, and so would the child, which Ctrl-C then could not reach.
     proc = jobs_cli.popen(*hf_args("+job.env.ROBOTRAIN_CACHE=/nonexistent"), "steps=100000",
-                          f"hydra.run.dir={tmp_path / 'submit'}")
+                          f"hydra.run.dir={tmp_path / 'submit'}",
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "submitted hf job" in proc.stdout.readline()
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
