@@ -80,11 +80,12 @@ class Measured:
 
 #: Training options measured, each against a bare loop doing the same math: the plain run, four
 #: micro-batches of a quarter of the batch per step, and an EMA of the weights.
-VARIANTS = {"plain": [], "grad_accum_steps=4": ["grad_accum_steps=4"], "ema": ["ema.enabled=true"]}
+VARIANTS = {"plain": [], "grad_accum_steps=4": ["grad_accum_steps=4"], "ema": ["ema.enabled=true"],
+            "grad_accum_steps=4 prefetch=0": ["grad_accum_steps=4", "prefetch=0"]}
 
 
 def overrides(args, num_workers: int, variant: str = "plain") -> list[str]:
-    micro_batches = 4 if variant == "grad_accum_steps=4" else 1
+    micro_batches = 4 if variant.startswith("grad_accum_steps=4") else 1
     return [
         "policy=mlp", f"policy.hidden_dim={args.hidden_dim}", f"batch_size={args.batch_size // micro_batches}",
         f"num_workers={num_workers}", f"steps={args.steps}", f"log_every={args.log_every}",

@@ -132,7 +132,14 @@ def _print_summary(cfg, result) -> None:
 
 
 def main() -> None:
-    """Console-script entry point (`robotrain ...`), same as `python -m robotrain`."""
+    """Console-script entry point: `robotrain ...` trains, as `python -m robotrain`; `robotrain eval
+    ...` evaluates, as `python -m robotrain.eval`."""
+    if sys.argv[1:2] == ["eval"]:
+        from robotrain.eval.__main__ import main as evaluate
+
+        sys.argv = [sys.argv[0], *sys.argv[2:]]
+        evaluate()
+        return
     sys.argv = cli_errors.expand_shorthands(sys.argv)
     with cli_errors.one_line_errors():
         _hydra_main()

@@ -106,14 +106,22 @@ class JsonFiles(Part):
         self.obj, self.files, self.optional = obj, dict(files), optional
 
     def state_dict(self) -> dict[str, Any]:
-        return self.obj.state_dict()
+        return self._filed(self.obj.state_dict())
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.obj.load_state_dict(state)
+        self.obj.load_state_dict(self._own(state))
 
     def check(self, state: dict[str, Any]) -> None:
         if hasattr(self.obj, "check_state_dict"):
-            self.obj.check_state_dict(state)
+            self.obj.check_state_dict(self._own(state))
+
+    def _filed(self, own: Any) -> dict[str, Any]:
+        """The object's state as {name: what its file holds}."""
+        return own
+
+    def _own(self, filed: dict[str, Any]) -> Any:
+        """What the object's `load_state_dict` takes, from {name: what its file holds}."""
+        return filed
 
     def write(self, folder: Path, state: dict[str, Any]) -> None:
         for name, path in self.files.items():
@@ -131,15 +139,11 @@ class Json(JsonFiles):
     def __init__(self, obj, path: str, optional: bool = False):
         super().__init__(obj, {"state": path}, optional)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"state": self.obj.state_dict()}
+    def _filed(self, own: Any) -> dict[str, Any]:
+        return {"state": own}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.obj.load_state_dict(state["state"])
-
-    def check(self, state: dict[str, Any]) -> None:
-        if hasattr(self.obj, "check_state_dict"):
-            self.obj.check_state_dict(state["state"])
+    def _own(self, filed: dict[str, Any]) -> Any:
+        return filed["state"]
 
 
 class OptimizerState(Part):

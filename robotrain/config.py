@@ -525,25 +525,64 @@ class CheckpointConfig:
 
 
 @dataclass
+class EnvConfig:
+    """A simulated environment policies are evaluated in: conf/env/<name>.yaml, a gymnasium env
+    that LeRobot evaluates in too (robotrain.eval.envs), or the embedded synthetic task."""
+
+    name: str = "synthetic"
+    """The option's name (conf/env/<name>.yaml): pusht, aloha_insertion, aloha_transfer_cube, synthetic."""
+    gym_id: Optional[str] = None
+    """gymnasium id passed to gym.make, e.g. gym_pusht/PushT-v0; None: the embedded synthetic task."""
+    package: Optional[str] = None
+    """Module whose import registers gym_id (e.g. gym_pusht)."""
+    install: str = "pip install 'robotrain[sim]'"
+    """How to install the package (named in the error when it is missing)."""
+    max_steps: int = 50
+    """Steps before an episode is cut off (LeRobot's episode_length; the embedded task's: eval.max_steps)."""
+    fps: int = 10
+    """Frames per second of rollout videos (the env's render_fps)."""
+    gl: Optional[str] = None
+    """MuJoCo rendering backend set as MUJOCO_GL when unset (egl renders headless, on a CPU too)."""
+    gym_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of gym.make (obs_type, render_mode...), as LeRobot's env config passes them."""
+    task_group: str = "synthetic"
+    """LeRobot's env type (pusht, aloha): the task_group of eval_info.json."""
+
+    def __post_init__(self) -> None:
+        _require(self.max_steps > 0, f"env.max_steps must be > 0, got {self.max_steps}")
+        _require(self.gym_id is None or self.package is not None,
+                 f"env {self.name!r} names gym_id={self.gym_id!r} but no package that registers it: set env.package")
+
+
+@dataclass
 class EvalConfig:
-    """Rollouts in the embedded simulator (synthetic dataset only)."""
+    """Rollouts of the policy: in the embedded simulator while training on the synthetic dataset,
+    in any env with python -m robotrain.eval."""
 
     every: int = 0
     """Evaluate every N steps; 0: only after the last step."""
     at_start: bool = True
     """Also evaluate the untrained policy before the first step (fresh runs only)."""
     episodes: int = 50
-    """Episodes per evaluation, run as one batch."""
+    """Episodes per evaluation; episode i starts from seed eval.seed + i."""
     max_steps: int = 50
-    """Simulator steps before an episode counts as a failure."""
+    """Steps before an episode of the embedded task is cut off (a gymnasium env's: env.max_steps)."""
     seed: int = 1000
     """Seed of the evaluation episodes (independent of training randomness)."""
     enabled: bool = True
     """Set false to skip evaluation entirely."""
     video_episodes: int = 1
-    """Episodes drawn side by side into `<run_dir>/eval/step_<n>.gif` (and sent to the tracker); 0: no video."""
+    """Episodes recorded: side by side into `<run_dir>/eval/step_<n>.gif` when training, as MP4 by robotrain.eval; 0: none."""
     video_size: int = 128
     """Side of each episode's square in the video, in pixels (the policy still sees the dataset's image size)."""
+    batch_size: int = 1
+    """Envs stepped side by side (gymnasium's SyncVectorEnv), one policy batch; results do not depend on it."""
+    rename_map: dict[str, str] = field(default_factory=dict)
+    """Env observation name -> the policy's, e.g. {observation.images.top: observation.image}."""
+    num_threads: int = 1
+    """Torch threads of an evaluation running beside training (gymnasium envs); training keeps the rest."""
+    timeout_s: float = 3600.0
+    """At the end of a run, wait at most this long for evaluations still running beside training."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
@@ -552,6 +591,9 @@ class EvalConfig:
         _require(0 <= self.video_episodes <= self.episodes,
                  f"eval.video_episodes must be in [0, eval.episodes={self.episodes}], got {self.video_episodes}")
         _require(16 <= self.video_size <= 1024, f"eval.video_size must be in [16, 1024], got {self.video_size}")
+        _require(self.batch_size > 0, f"eval.batch_size must be > 0, got {self.batch_size}")
+        _require(self.num_threads > 0, f"eval.num_threads must be > 0, got {self.num_threads}")
+        _require(self.timeout_s >= 0, f"eval.timeout_s must be >= 0, got {self.timeout_s}")
 
 
 @dataclass
@@ -650,6 +692,8 @@ class TrainConfig:
     """torch.compile of the policy's forward."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpoint cadence and retention."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The simulated environment evaluations run in (env=synthetic: the embedded reach task)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation in the embedded simulator."""
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
@@ -671,7 +715,7 @@ class TrainConfig:
     num_workers: int = 0
     """DataLoader worker processes; results do not depend on it."""
     prefetch: int = 2
-    """Batches prepared ahead on a background thread when num_workers=0; 0 turns it off."""
+    """Steps of batches (each grad_accum_steps micro-batches) read ahead on a thread when num_workers=0; 0: off."""
     log_every: int = 100
     """Write a metrics line (and a log line when not on a terminal) every N steps."""
     log_samples: bool = False
@@ -692,6 +736,28 @@ class TrainConfig:
         _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
 
 
+@dataclass
+class PolicySource:
+    """The policy an evaluation loads."""
+
+    path: str = MISSING
+    """A pretrained_model/ folder, a checkpoint or run dir, or hub:user/repo[@step|tag|sha]."""
+
+
+@dataclass
+class EvalRunConfig:
+    """One evaluation of a trained policy: python -m robotrain.eval (conf/eval.yaml)."""
+
+    policy: PolicySource = field(default_factory=PolicySource)
+    """Which policy to evaluate."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """The environment to evaluate it in (env=pusht|aloha_insertion|aloha_transfer_cube)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Episodes, seeds, vector size, videos."""
+    device: str = "auto"
+    """Where the policy runs: auto (cuda if available, else cpu), cpu, cuda, cuda:1..."""
+
+
 def register_configs() -> None:
     """Register the schemas Hydra composes `conf/` against: the run's, and each job option's (the
     --help text's resolvers are `robotrain.help.register_resolvers`)."""
@@ -699,6 +765,8 @@ def register_configs() -> None:
 
     store = ConfigStore.instance()
     store.store(name="robotrain_schema", node=TrainConfig)
+    store.store(name="robotrain_eval_schema", node=EvalRunConfig)
+    store.store(group="env", name="env_schema", node=EnvConfig)
     for name, schema in JOB_SCHEMAS.items():  # conf/job/<name>.yaml starts from its schema
         store.store(group="job", name=f"{name}_schema", node=schema)
 
@@ -727,6 +795,18 @@ def parse(cfg: DictConfig | dict) -> TrainConfig:
              "compile.enabled=true compiles the whole policy and policy.compile_model=true a part of it: "
              "use one of the two")
     return train
+
+
+def parse_eval(cfg: DictConfig | dict) -> EvalRunConfig:
+    """Validate a composed conf/eval.yaml (python -m robotrain.eval); raises `UserError` on bad input."""
+    try:
+        raw = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as err:
+        message = _omegaconf_message(err, "eval")
+        if "policy.path" in message:
+            message = "policy.path must be set: pass policy.path=<pretrained_model folder | hub:user/repo[@step]>"
+        raise UserError(message) from None
+    return _typed(EvalRunConfig, raw, where="eval")
 
 
 def parse_job(node: Mapping[str, Any]) -> JobConfig:

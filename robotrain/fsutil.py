@@ -25,3 +25,12 @@ def fsync_tree(folder: str | Path) -> None:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
         fsync_dir(dirpath)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `path` whole or not at all: a reader never sees half a file, a crash leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -19,6 +19,10 @@ accumulating two micro-batches of 4 compute the same update, up to float reducti
 masked means under accumulation, through the weights `masked_mean` records). Outside `step(...)` (inference, a user calling a loss by
 hand) draws come from the global torch RNG, as in LeRobot, and means are local. Dropout is not
 covered: each process keeps its own RNG for it (seeded per process by the training loop).
+
+Evaluation has the same need across episodes: inside `per_sample(generators)` row `i` of every
+draw comes from `generators[i]`, so an episode's noise (diffusion, flow matching) is a function of
+its own seed, whatever the other episodes evaluated beside it in one batch.
 """
 
 from __future__ import annotations
@@ -54,7 +58,13 @@ class _Step:
         return self.generators[device]
 
 
-_current: ContextVar[_Step | None] = ContextVar("robotrain_global_batch_step", default=None)
+@dataclass
+class _PerSample:
+    generators: list[torch.Generator]
+    """One CPU generator per row of the batch."""
+
+
+_current: ContextVar[_Step | _PerSample | None] = ContextVar("robotrain_global_batch_step", default=None)
 
 
 @contextmanager
@@ -70,6 +80,24 @@ def step(seed: int, step: int, rank: int = 0, num_processes: int = 1, micro: int
         yield share
     finally:
         _current.reset(token)
+
+
+@contextmanager
+def per_sample(generators: list[torch.Generator]) -> Iterator[None]:
+    """Draws inside take row `i` from `generators[i]` (CPU generators; the rows are moved to the
+    device), so that a row's numbers do not depend on the batch it is drawn in."""
+    token = _current.set(_PerSample(list(generators)))
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def sample_generators() -> list[torch.Generator] | None:
+    """The per-row generators of the enclosing `per_sample`, else None: for a library that draws
+    itself but takes one generator per row (diffusers' schedulers)."""
+    current = _current.get()
+    return current.generators if isinstance(current, _PerSample) else None
 
 
 def randn(shape: tuple[int, ...], device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -91,6 +119,11 @@ def _draw(sample, shape: tuple[int, ...], device, **kwargs) -> torch.Tensor:
     current = _current.get()
     if current is None:
         return sample(shape, device=device, **kwargs)
+    if isinstance(current, _PerSample):
+        if shape[0] != len(current.generators):
+            raise ValueError(f"a batch of {shape[0]} rows drawn with {len(current.generators)} generators")
+        rows = [sample((1, *shape[1:]), generator=g, **kwargs) for g in current.generators]
+        return torch.cat(rows).to(device)
     full = sample((shape[0] * current.shares, *shape[1:]), generator=current.generator(device),
                   device=device, **kwargs)
     return full[current.rank * shape[0]: (current.rank + 1) * shape[0]]
@@ -99,7 +132,7 @@ def _draw(sample, shape: tuple[int, ...], device, **kwargs) -> torch.Tensor:
 def shared_randint(high: int) -> int:
     """One integer in [0, high) for the whole global batch (e.g. a crop offset for every sample)."""
     current = _current.get()
-    generator = current.generator(torch.device("cpu")) if current is not None else None
+    generator = current.generator(torch.device("cpu")) if isinstance(current, _Step) else None
     return int(torch.randint(0, high, (1,), generator=generator).item())
 
 
@@ -114,7 +147,7 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     valid = valid.expand_as(values)
     total, count = (values * valid).sum(), valid.sum()
     current = _current.get()
-    if current is None:
+    if not isinstance(current, _Step):
         return total / count.clamp(min=1)
     if current.num_processes > 1:
         count = count.detach().clone()

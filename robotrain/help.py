@@ -46,10 +46,10 @@ def options(cls: type, prefix: str = "") -> list[tuple[str, str]]:
     return rows
 
 
-def groups_text(conf_dir: Path) -> str:
-    """Each group option with the first comment line of its YAML file."""
+def groups_text(conf_dir: Path, only: str | None = None) -> str:
+    """Each group option (of every group, or of group `only`) with the first comment line of its YAML file."""
     lines = []
-    for group in sorted(p for p in conf_dir.iterdir() if p.is_dir()):
+    for group in sorted(p for p in conf_dir.iterdir() if p.is_dir() and only in (None, p.name)):
         lines.append(f"{group.name}:")
         for option in sorted(group.glob("*.yaml")):
             text = option.read_text()
@@ -74,6 +74,17 @@ def options_text(policy_type: str) -> str:
     return "\n".join(f"  {key:<{width}}  {doc}" for key, doc in sorted(rows))
 
 
+def eval_options_text() -> str:
+    """python -m robotrain.eval's options (conf/eval.yaml's schema)."""
+    from robotrain.config import EvalRunConfig
+
+    training_only = {f"eval.{name}" for name in ("every", "at_start", "enabled", "video_size", "max_steps",
+                                                 "num_threads", "timeout_s")}
+    rows = [(k, d) for k, d in options(EvalRunConfig) if k not in training_only]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {key:<{width}}  {doc}" for key, doc in sorted(rows))
+
+
 def register_resolvers(conf_dir: Path) -> None:
     from omegaconf import OmegaConf
 
@@ -81,6 +92,8 @@ def register_resolvers(conf_dir: Path) -> None:
         return text.replace("$", "$$")
 
     if not OmegaConf.has_resolver("robotrain_help_groups"):
-        OmegaConf.register_new_resolver("robotrain_help_groups", lambda: escaped(groups_text(conf_dir)))
+        OmegaConf.register_new_resolver("robotrain_help_groups",
+                                        lambda only=None: escaped(groups_text(conf_dir, only)))
+        OmegaConf.register_new_resolver("robotrain_eval_help_options", lambda: escaped(eval_options_text()))
         OmegaConf.register_new_resolver("robotrain_help_options",
                                         lambda policy_type: escaped(options_text(str(policy_type))))

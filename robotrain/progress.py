@@ -80,9 +80,17 @@ def peak_memory_mb(device) -> float:
 
     if getattr(device, "type", device) == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:  # Linux: this process image's own peak; getrusage's ru_maxrss keeps the pre-exec one's
+        with open("/proc/self/status") as status:  # (a child started by a large process reports that size)
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KB
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS reports bytes, others kB
 
 
 def _terminal_columns() -> int:

@@ -53,7 +53,7 @@ def parse_hub_spec(spec: str) -> HubSpec | None:
         return None
     match = _HUB_SPEC.match(spec)
     if not match or not is_repo_id(match["repo"]):
-        raise UserError(f"bad resume spec {spec!r}: expected resume=hub:user/repo or resume=hub:user/repo@<step|tag|sha>")
+        raise UserError(f"bad hub spec {spec!r}: expected hub:user/repo or hub:user/repo@<step|tag|sha>")
     return HubSpec(match["repo"], match["rev"])
 
 

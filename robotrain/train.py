@@ -129,15 +129,21 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     saver = _Saver(cfg, checkpoints, pusher)
     if resume is None and cfg.eval.at_start:
         out.evaluator.run(policy, step, label="untrained")
+    elif resume is not None:
+        out.evaluator.resume(step)  # evaluations a kill interrupted start again
 
-    stream = batches(_loader(cfg, accelerator, dataset, position), cfg.prefetch)
+    stream = batches(_loader(cfg, accelerator, dataset, position), cfg.prefetch * cfg.grad_accum_steps)
     augment = augmentation.for_training(cfg.dataset.image_transforms, cfg.seed, dataset.meta.camera_keys, position,
                                         accelerator.process_index, run_dir if accelerator.is_main_process else None)
     training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler, ema, augment)
     try:
         step = result.step = _steps(training, stream, out, saver, step)
         if result.preempted_by is None:
-            out.evaluator.run(policy, step, label="trained")
+            if out.evaluator.in_background:
+                out.evaluator.start(step, saver.last, label="trained")
+                out.evaluator.finish()
+            else:
+                out.evaluator.run(policy, step, label="trained")
             saver.push_final(result)
     finally:
         if hasattr(stream, "close"):
@@ -161,12 +167,17 @@ def _steps(training: "_Training", stream, out: "_Outputs", saver: "_Saver", step
             out.samples(step, micro_batches)
             out.window.add(loss, grad_norm, t1 - t0, time.perf_counter() - t0)
             out.report(step, training.scheduler.get_last_lr()[0])
-            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps:
+            eval_due = cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps
+            if eval_due and not out.evaluator.in_background:
                 out.evaluator.run(training.policy, step)
             # Every process must stop at the same step, whichever the signal reached first.
             stop = distributed.any_process(training.accelerator, preemption.requested)
-            if _checkpoint_due(cfg, step) or stop:
-                result.last_checkpoint = saver.save(step)
+            in_background = eval_due and out.evaluator.in_background  # evaluates a checkpoint of this step
+            if _checkpoint_due(cfg, step) or stop or in_background:
+                result.last_checkpoint = saver.save(step, out.evaluator.in_use())
+            if in_background:
+                out.evaluator.start(step, result.last_checkpoint)
+            out.evaluator.poll()
             if stop:
                 result.preempted_by = preemption.signal_name or "a preemption signal to another process"
                 break
@@ -273,6 +284,7 @@ class _Outputs:
             self.sample_log.write(step, torch.cat([batch["index"] for batch in micro_batches]))
 
     def close(self) -> None:
+        self.evaluator.close()
         if self.sample_log is not None:
             self.sample_log.close()
         self.progress.close()
@@ -368,8 +380,9 @@ class _Saver:
     def last(self) -> Path | None:
         return self.checkpoints.last
 
-    def save(self, step: int) -> Path | None:
-        protect = frozenset(self.pusher.pending()) if self.pushing else frozenset()
+    def save(self, step: int, in_use: frozenset[str] = frozenset()) -> Path | None:
+        """Save `step` (every process); `in_use`: checkpoint names that must not be pruned yet."""
+        protect = frozenset(self.pusher.pending()) | in_use if self.pushing else in_use
         folder = self.checkpoints.save(step, protect)
         if folder is not None and self.pushing:
             self.pusher.submit(folder, step)
@@ -437,8 +450,11 @@ class _Window:
 
 
 class _Evaluator:
-    """Runs simulator rollouts when the dataset is the embedded task (main process only), and
-    saves the first episodes as `<run_dir>/eval/step_<n>.gif` for a person to watch."""
+    """Evaluations of the policy in `env`. The embedded task (env=synthetic, synthetic dataset
+    only) is evaluated here, on the main process, its first episodes saved as
+    `<run_dir>/eval/step_<n>.gif`; a gymnasium env (pusht, aloha...) evaluates a checkpoint in a
+    worker process beside training (robotrain.eval.background) and its results are logged at
+    their step when they arrive."""
 
     def __init__(self, cfg: TrainConfig, accelerator, parallel, result: RunResult, metrics_log, progress, tracker,
                  run_dir, published=None):
@@ -446,10 +462,17 @@ class _Evaluator:
         self.cfg, self.accelerator, self.parallel, self.result = cfg, accelerator, parallel, result
         self.published = published or contextlib.nullcontext
         self.metrics_log, self.progress, self.tracker, self.videos = metrics_log, progress, tracker, run_dir / "eval"
-        self.enabled = cfg.eval.enabled and cfg.dataset.is_synthetic
+        self.in_background = cfg.eval.enabled and cfg.env.gym_id is not None
+        self.enabled = cfg.eval.enabled and (cfg.dataset.is_synthetic or self.in_background)
+        self.background, self.labels = None, {}  # labels: step -> "trained"... for the log line
+        if self.in_background and accelerator.is_main_process:
+            from robotrain.eval.background import BackgroundEvaluations
+
+            self.background = BackgroundEvaluations(cfg.env, cfg.eval, self.videos)
 
     def run(self, policy, step: int, label: str = "") -> None:
-        if not self.enabled:
+        """Evaluate the embedded task now (every process calls this; a gymnasium env: nothing)."""
+        if not self.enabled or self.in_background:
             return
         # Every process enters: a sharded model is gathered inside (the main process evaluates a copy).
         with self.published():
@@ -457,7 +480,7 @@ class _Evaluator:
                                                    self.accelerator.is_main_process)
             if model is None:
                 return
-            from robotrain.eval import evaluate
+            from robotrain.eval.synthetic import evaluate
 
             outcome = evaluate(
                 model, episodes=self.cfg.eval.episodes,
@@ -465,12 +488,49 @@ class _Evaluator:
                 image_size=self.cfg.dataset.synthetic.image_size, record=self.cfg.eval.video_episodes,
                 render_size=self.cfg.eval.video_size,
             )
-        metrics = self.result.evals[step] = outcome.as_metrics()
-        self.metrics_log.write(step, metrics)
-        self.tracker.log(step, metrics)
         if outcome.frames is not None:
             self.tracker.log_video(step, "eval/video", outcome.save_video(self.videos / f"step_{step:06d}.gif"))
+        self._log(step, outcome.as_metrics(), label, outcome.episodes)
+
+    def start(self, step: int, checkpoint: Path | None, label: str = "") -> None:
+        """Evaluate `checkpoint`, saved at `step`, in the background (main process)."""
+        self.labels[step] = label
+        if self.background is not None and checkpoint is not None:
+            self.background.start(step, checkpoint)
+
+    def resume(self, step: int) -> None:
+        if self.background is not None:
+            self.background.resume(step)
+
+    def in_use(self) -> frozenset[str]:
+        """Checkpoints that running evaluations read."""
+        return self.background.in_use() if self.background is not None else frozenset()
+
+    def poll(self) -> None:
+        """Log the background evaluations that finished."""
+        if self.background is not None:
+            for step, metrics in self.background.poll():
+                self._logged(step, metrics)
+
+    def finish(self) -> None:
+        """Wait (at most eval.timeout_s) for the background evaluations and log them."""
+        if self.background is not None:
+            for step, metrics in self.background.wait(self.cfg.eval.timeout_s):
+                self._logged(step, metrics)
+
+    def close(self) -> None:
+        if self.background is not None:
+            self.background.close()
+
+    def _logged(self, step: int, metrics: dict[str, float]) -> None:
+        self._log(step, metrics, self.labels.get(step, ""), self.cfg.eval.episodes)
+        self.background.logged(step)
+
+    def _log(self, step: int, metrics: dict[str, float], label: str, episodes: int) -> None:
+        self.result.evals[step] = metrics
+        self.metrics_log.write(step, metrics)
+        self.tracker.log(step, metrics)
         name = f" ({label})" if label else ""
-        self.progress.write(
-            f"eval at step {step}{name}: success rate {outcome.success_rate:.2f} over {outcome.episodes} episodes"
-        )
+        where = "" if self.cfg.env.gym_id is None else f" in env={self.cfg.env.name}"
+        self.progress.write(f"eval at step {step}{name}{where}: success rate {metrics['eval/success_rate']:.2f} "
+                            f"over {episodes} episodes")

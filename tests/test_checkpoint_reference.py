@@ -59,17 +59,18 @@ def assert_same_tensors(name: str, ours: bytes, theirs: bytes) -> None:
 
 
 #: Options added to the run's config since the reference was written (train_config.json gains
-#: them at their defaults): issue 15's training options, by dotted path.
-NEW_OPTIONS = {"grad_accum_steps", "precision", "ema", "compile", "dataset.image_transforms"}
+#: them at their defaults): issue 15's training options and issue 16's env and eval options, by dotted path.
+NEW_OPTIONS = {"grad_accum_steps", "precision", "ema", "compile", "dataset.image_transforms",
+               "env", "eval.batch_size", "eval.rename_map", "eval.num_threads", "eval.timeout_s"}
 
 
 def flat(config: dict, prefix: str = "") -> dict:
-    """{key: value}, with the dataset node's fields one level down (`dataset.<field>`), where a
-    new dataset option appears."""
+    """{key: value}, with the dataset and eval nodes' fields one level down (`dataset.<field>`),
+    where new options of theirs appear."""
     out = {}
     for key, value in config.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and key in ("dataset",) and not prefix:
+        if isinstance(value, dict) and key in ("dataset", "eval") and not prefix:
             out.update(flat(value, f"{path}."))
         else:
             out[path] = value

@@ -57,7 +57,7 @@ BAD_INPUTS = {
     "zero steps": (["steps=0"], "steps must be > 0"),
     "unknown policy field": (["+policy.no_such_field=1"], "unknown policy field"),
     "resume path missing": (["resume=/no/such/run"], "does not exist"),
-    "malformed hub resume spec": (["resume=hub:not a repo"], "bad resume spec"),
+    "malformed hub resume spec": (["resume=hub:not a repo"], "bad hub spec"),
     "push without a repo": (["hub.push_checkpoints=true"], "hub.repo_id"),
     "dataset root missing": (["dataset=local", "dataset.repo_id=user/data", "dataset.root=/no/such/dataset"],
                              "holds no LeRobot dataset"),

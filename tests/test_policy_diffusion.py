@@ -19,7 +19,7 @@ from robotrain.config import SYNTHETIC_REPO_ID, parse
 from robotrain.data import synthetic
 from robotrain.data.reading import LeRobotDataset
 from robotrain.errors import UserError
-from robotrain.eval import observation_to_batch
+from robotrain.eval.synthetic import observation_to_batch
 from robotrain.policies.diffusion import DiffusionConfig, DiffusionPolicy, make_noise_scheduler
 from tests.conftest import assert_close_gradients, loss_and_gradients
 

@@ -11,7 +11,7 @@ from robotrain import policies
 from robotrain.config import SYNTHETIC_REPO_ID, parse
 from robotrain.data import synthetic
 from robotrain.data.reading import LeRobotDataset
-from robotrain.eval import observation_to_batch
+from robotrain.eval.synthetic import observation_to_batch
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from robotrain import policies
 from robotrain.data import synthetic
 from robotrain.data.reading import LeRobotDataset
 from robotrain.errors import UserError
-from robotrain.eval import observation_to_batch
+from robotrain.eval.synthetic import observation_to_batch
 from tests.conftest import REPO_ROOT, assert_close_gradients, assert_one_line_error, loss_and_gradients
 from tests.smolvlm_tiny import build_tiny_smolvlm
 

@@ -253,7 +253,7 @@ def test_eval_saves_a_multi_frame_gif_a_person_can_see(plain_run):
 
 def test_recording_the_eval_video_changes_neither_the_outcome_nor_training_randomness(plain_run):
     from robotrain import policies
-    from robotrain.eval import evaluate
+    from robotrain.eval.synthetic import evaluate
 
     policy = policies.from_pretrained(plain_run / "checkpoints" / "000010" / "pretrained_model")
     torch.manual_seed(0)

@@ -311,13 +311,14 @@ class DiffusionModel(nn.Module):
     def conditional_sample(self, batch_size: int, global_cond: Tensor, noise: Tensor | None = None) -> Tensor:
         param = next(self.parameters())
         action_dim = self.config.output_features[ACTION]["shape"][0]
-        sample = noise if noise is not None else torch.randn(
-            (batch_size, self.config.horizon, action_dim), dtype=param.dtype, device=param.device)
+        sample = noise if noise is not None else global_batch.randn(
+            (batch_size, self.config.horizon, action_dim), param.device, param.dtype)
         self.noise_scheduler.set_timesteps(self.num_inference_steps)
+        generators = global_batch.sample_generators()  # None: the global RNG, as LeRobot
         for t in self.noise_scheduler.timesteps:
             model_output = self.unet(sample, torch.full(sample.shape[:1], t, dtype=torch.long, device=sample.device),
                                      global_cond=global_cond)
-            sample = self.noise_scheduler.step(model_output, t, sample).prev_sample
+            sample = self.noise_scheduler.step(model_output, t, sample, generator=generators).prev_sample
         return sample
 
     def _prepare_global_conditioning(self, batch: dict[str, Tensor]) -> Tensor:

@@ -590,7 +590,7 @@ class VLAFlowMatching(nn.Module):
             self.forward = torch.compile(self.forward, mode=config.compile_mode)
 
     def sample_noise(self, shape, device) -> torch.Tensor:
-        return torch.normal(mean=0.0, std=1.0, size=shape, dtype=torch.float32, device=device)
+        return global_batch.randn(shape, device)  # torch.normal(0, 1) outside a context, as LeRobot
 
     def _embed_tokens(self, tokens: torch.Tensor, bsize: int, device) -> torch.Tensor:
         return self.vlm_with_expert.embed_language_tokens(tokens.to(device)).unsqueeze(0).expand(bsize, -1, -1)
