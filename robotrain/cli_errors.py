@@ -82,6 +82,9 @@ def condense(text: str) -> str:
         if missing:
             group, option = missing.groups()
             return f"no option {option!r} in config group {group!r}; choose one of: {', '.join(options)}"
+    if re.search(r"""no viable alternative at input '\{\s*["']""", text):  # Hydra's grammar has no quoted keys
+        return ("a dict in an override takes its keys without quotes: write "
+                "'dataset.rename_map={observation.images.wrist: observation.images.cam1}'")
     match = re.search(r"Could not override '([^']+)'", text)
     if match and "reference_type=Dict" in text:  # a new key inside a dict field (e.g. job.env)
         key = match.group(1)

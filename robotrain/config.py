@@ -16,6 +16,7 @@ the class named by `policy.type`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,17 +134,53 @@ class ImageTransformsConfig:
 
 
 @dataclass
-class DatasetConfig:
-    """Which LeRobot-format dataset to train on."""
+class MixtureMember:
+    """One dataset of a mixture (`dataset.datasets`), as a single dataset is given."""
 
     repo_id: str = MISSING
-    """LeRobot repo id (`user/name`); `robotrain/synthetic_reach` generates the embedded task."""
+    """LeRobot repo id (`user/name`) of the member."""
+    weight: float = 1.0
+    """Share of the samples it supplies: weight / (sum of the members' weights)."""
+    root: Optional[str] = None
+    """Local folder holding it; null: the cache (downloaded from the Hub once)."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or sha) to download when root is unset."""
+    episodes: Optional[list[int]] = None
+    """Train on these episode indices of the member only; unset: all."""
+    rename_map: Any = None
+    """Feature renames for this member only, applied after dataset.rename_map."""
+
+    def __post_init__(self) -> None:
+        if self.repo_id == MISSING:
+            return
+        check_repo_id(self.repo_id, "dataset.datasets[].repo_id")
+        _require(math.isfinite(self.weight) and self.weight > 0,
+                 f"dataset.datasets: {self.repo_id} has weight {self.weight}; weights must be > 0 (drop the member "
+                 "instead of giving it weight 0)")
+
+    @property
+    def identity(self) -> tuple:
+        """What makes two members the same dataset."""
+        root = str(Path(self.root).expanduser().resolve()) if self.root else None
+        return self.repo_id, root, self.revision, tuple(self.episodes) if self.episodes is not None else None
+
+
+@dataclass
+class DatasetConfig:
+    """Which LeRobot-format dataset to train on: one (`repo_id`), or a weighted mixture (`datasets`)."""
+
+    repo_id: Optional[str] = MISSING
+    """LeRobot repo id (`user/name`); `robotrain/synthetic_reach` generates the embedded task; null with datasets."""
     root: Optional[str] = MISSING
     """Local folder holding the dataset; null: the cache (downloaded from the Hub, or generated if synthetic)."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or sha) to download when root is unset."""
     episodes: Optional[list[int]] = None
     """Train on these episode indices only; unset: all."""
+    datasets: Optional[list[MixtureMember]] = None
+    """A mixture instead of one dataset (dataset=mixture): [{repo_id, weight, root, ...}, ...]."""
+    rename_map: Any = None
+    """Feature renames applied to the dataset (or every member) as it is read, {old: new}."""
     tolerance_s: float = 1e-4
     """Tolerance when matching `delta_timestamps` to frame times, in seconds."""
     image_cache_mb: float = 2048
@@ -165,6 +202,21 @@ class DatasetConfig:
     def is_synthetic(self) -> bool:
         return self.repo_id == SYNTHETIC_REPO_ID
 
+    @property
+    def is_mixture(self) -> bool:
+        return self.datasets is not None
+
+    @property
+    def repo_ids(self) -> list[str]:
+        """The dataset's repo id, or each mixture member's."""
+        return [str(self.repo_id)] if self.datasets is None else [m.repo_id for m in self.datasets]
+
+    def member(self, index: int) -> "DatasetConfig":
+        """Mixture member `index` as a single-dataset config (the rest of the settings shared)."""
+        m = self.datasets[index]
+        return dataclasses.replace(self, repo_id=m.repo_id, root=m.root, revision=m.revision, episodes=m.episodes,
+                                   datasets=None, rename_map={**(self.rename_map or {}), **(m.rename_map or {})})
+
     def __post_init__(self) -> None:
         _require(self.video_backend in ("torchcodec", "pyav"),
                  f"dataset.video_backend must be 'torchcodec' or 'pyav', got {self.video_backend!r}")
@@ -172,9 +224,45 @@ class DatasetConfig:
                  "dataset.video_decoder_cache must be >= 1 and dataset.video_decoder_cache_mb > 0")
         _require(self.video_device in ("cpu", "cuda"),
                  f"dataset.video_device must be 'cpu' or 'cuda', got {self.video_device!r}")
+        _check_rename_map(self.rename_map, "dataset.rename_map")
+        if self.datasets is not None:
+            self._check_mixture()
+            return
         if self.repo_id == MISSING:  # the schema itself; parse() reports a missing value
             return
+        _require(self.repo_id is not None,
+                 "dataset.repo_id is unset: pass dataset.repo_id=user/name, or dataset=mixture with dataset.datasets")
         check_repo_id(self.repo_id, "dataset.repo_id")
+
+    def _check_mixture(self) -> None:
+        _require(self.repo_id in (None, MISSING),
+                 f"dataset.repo_id={self.repo_id} and dataset.datasets are both set: a mixture names its datasets in "
+                 "dataset.datasets only (dataset=mixture sets repo_id to null)")
+        _require(len(self.datasets) > 0,
+                 "dataset.datasets is empty: list the mixture's datasets, e.g. "
+                 "'dataset.datasets=[{repo_id: user/a, weight: 2.0}, {repo_id: user/b}]'")
+        seen: dict[tuple, int] = {}
+        for i, member in enumerate(self.datasets):
+            _require(member.identity not in seen,
+                     f"dataset.datasets[{i}] ({member.repo_id}) repeats dataset.datasets[{seen.get(member.identity)}]: "
+                     "list each dataset once and give it a larger weight instead")
+            seen[member.identity] = i
+            _check_rename_map(member.rename_map, f"dataset.datasets[{i}].rename_map")
+
+
+def _check_rename_map(rename_map: Mapping[str, str] | None, where: str) -> None:
+    """A {old name: new name} map of strings, two features never renamed to one name (one feature
+    with two sources). Rename maps are untyped and null in the schemas, not dict[str, str] = {}:
+    Hydra then takes a `{a.b: c}` override whole instead of refusing keys a struct dict lacks."""
+    _require(rename_map is None or (isinstance(rename_map, Mapping) and
+                                    all(isinstance(k, str) and isinstance(v, str) for k, v in rename_map.items())),
+             f"{where} must map feature names to feature names, e.g. {{observation.images.top: observation.image}}; "
+             f"got {rename_map!r}")
+    targets: dict[str, str] = {}
+    for old, new in (rename_map or {}).items():
+        _require(new not in targets,
+                 f"{where} renames both {targets.get(new)!r} and {old!r} to {new!r}: give each feature its own name")
+        targets[new] = old
 
 
 @dataclass
@@ -577,7 +665,7 @@ class EvalConfig:
     """Side of each episode's square in the video, in pixels (the policy still sees the dataset's image size)."""
     batch_size: int = 1
     """Envs stepped side by side (gymnasium's SyncVectorEnv), one policy batch; results do not depend on it."""
-    rename_map: dict[str, str] = field(default_factory=dict)
+    rename_map: Any = None
     """Env observation name -> the policy's, e.g. {observation.images.top: observation.image}."""
     num_threads: int = 1
     """Torch threads of an evaluation running beside training (gymnasium envs); training keeps the rest."""
@@ -585,6 +673,7 @@ class EvalConfig:
     """At the end of a run, wait at most this long for evaluations still running beside training."""
 
     def __post_init__(self) -> None:
+        _check_rename_map(self.rename_map, "eval.rename_map")
         _require(self.every >= 0, f"eval.every must be >= 0, got {self.every}")
         _require(self.episodes > 0, f"eval.episodes must be > 0, got {self.episodes}")
         _require(self.max_steps > 0, f"eval.max_steps must be > 0, got {self.max_steps}")

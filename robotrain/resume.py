@@ -25,8 +25,8 @@ from robotrain.repo_id import is_repo_id
 from robotrain.errors import UserError
 
 #: Config keys whose change breaks exact continuation of a run.
-EXACTNESS_KEYS = ("seed", "policy.type", "dataset.repo_id", "dataset.episodes", "dataset.synthetic", "sampler",
-                  "ema")
+EXACTNESS_KEYS = ("seed", "policy.type", "dataset.repo_id", "dataset.episodes", "dataset.datasets",
+                  "dataset.rename_map", "dataset.synthetic", "sampler", "ema")
 
 _HUB_SPEC = re.compile(r"^hub:(?P<repo>[^@\s]+)(?:@(?P<rev>[^@\s]+))?$")
 

@@ -33,7 +33,8 @@ from robotrain import augmentation, checkpoint, checkpoint_layout as layout, com
     global_batch, peft, policies, pretrained, strategy, tracking
 from robotrain.config import TrainConfig, to_dict
 from robotrain.data.loader import batches, make_loader, to_device
-from robotrain.data.sampler import DataPosition, EpisodeAwareSampler
+from robotrain.data.mixture import MEMBER_KEY
+from robotrain.data.sampler import DataPosition
 from robotrain.ema import Ema, EmaState
 from robotrain.optim import make_optimizer, make_scheduler
 from robotrain.precision import SCALER_STATE, Precision
@@ -185,20 +186,12 @@ def _steps(training: "_Training", stream, out: "_Outputs", saver: "_Saver", step
 
 
 def _open_data(cfg: TrainConfig, accelerator: Accelerator):
-    """(dataset, sampler): the main process generates or checks the dataset once, the others
-    wait, then every process reads it as the policy will see it (action chunk, history)."""
+    """(dataset, sampler): the main process generates, downloads or checks the dataset (each
+    member of a mixture) once, the others wait, then every process reads it as the policy will
+    see it (action chunk, history)."""
     with accelerator.main_process_first():
-        root = data.prepare(cfg.dataset)
-    meta = data.load_meta(root, cfg.dataset.repo_id)
-    delta_timestamps = policies.with_dataset_features(cfg.policy, meta.features).delta_timestamps(meta.fps)
-    dataset = data.open_dataset(cfg.dataset, meta, delta_timestamps, device=accelerator.device)
-    sampler = EpisodeAwareSampler(
-        *dataset.episode_bounds, seed=cfg.seed, shuffle=cfg.sampler.shuffle,
-        permutation=cfg.sampler.permutation, drop_n_first_frames=cfg.sampler.drop_n_first_frames,
-        # A policy may ask for more (LeRobot's Diffusion: its action horizon reaches past the end).
-        drop_n_last_frames=max(cfg.sampler.drop_n_last_frames, getattr(cfg.policy, "drop_n_last_frames", 0)),
-    )
-    return dataset, sampler
+        roots = data.prepare_all(cfg.dataset)
+    return data.open_for_training(cfg.dataset, cfg.sampler, cfg.policy, cfg.seed, roots, accelerator.device)
 
 
 def _build_policy(cfg: TrainConfig, dataset, device):
@@ -281,7 +274,9 @@ class _Outputs:
 
     def samples(self, step: int, micro_batches: list[dict]) -> None:
         if self.sample_log is not None:
-            self.sample_log.write(step, torch.cat([batch["index"] for batch in micro_batches]))
+            members = [batch[MEMBER_KEY] for batch in micro_batches if MEMBER_KEY in batch]
+            self.sample_log.write(step, torch.cat([batch["index"] for batch in micro_batches]),
+                                  torch.cat(members) if members else None)
 
     def close(self) -> None:
         self.evaluator.close()
@@ -395,7 +390,7 @@ class _Saver:
 
         metrics = {**result.last_metrics, **result.evals.get(result.step, {})}
         card = hub.model_card(self.cfg.hub.repo_id, policy_type=self.cfg.policy.type,
-                              dataset_repo_id=self.cfg.dataset.repo_id, steps=result.step, metrics=metrics,
+                              dataset_repo_id=self.cfg.dataset.repo_ids, steps=result.step, metrics=metrics,
                               adapter=self.cfg.peft.method != "none")
         self.pusher.push_final(self.last / layout.PRETRAINED, card, step=result.step)
 
@@ -405,13 +400,17 @@ class _Saver:
 
 
 class _SampleLog:
-    """Each step's dataset indices seen by this process (`log_samples=true`)."""
+    """Each step's dataset indices seen by this process (`log_samples=true`); from a mixture, also
+    each sample's member (its position in dataset.datasets)."""
 
     def __init__(self, run_dir: Path, rank: int):
         self.file = open(run_dir / f"samples_rank{rank}.jsonl", "a", buffering=1)
 
-    def write(self, step: int, indices: torch.Tensor) -> None:
-        self.file.write(json.dumps({"step": step, "index": indices.tolist()}) + "\n")
+    def write(self, step: int, indices: torch.Tensor, members: torch.Tensor | None = None) -> None:
+        line = {"step": step, "index": indices.tolist()}
+        if members is not None:
+            line[MEMBER_KEY] = members.tolist()
+        self.file.write(json.dumps(line) + "\n")
 
     def close(self) -> None:
         self.file.close()

@@ -60,7 +60,8 @@ def assert_same_tensors(name: str, ours: bytes, theirs: bytes) -> None:
 
 #: Options added to the run's config since the reference was written (train_config.json gains
 #: them at their defaults): issue 15's training options and issue 16's env and eval options, by dotted path.
-NEW_OPTIONS = {"grad_accum_steps", "precision", "ema", "compile", "dataset.image_transforms",
+NEW_OPTIONS = {"grad_accum_steps", "precision", "ema", "compile", "dataset.image_transforms", "dataset.datasets",
+               "dataset.rename_map",
                "env", "eval.batch_size", "eval.rename_map", "eval.num_threads", "eval.timeout_s"}
 
 

@@ -11,7 +11,7 @@ from robotrain.config import DatasetConfig
 from robotrain.data.fetch import download, lerobot_home
 from robotrain.errors import UserError
 
-__all__ = ["download", "lerobot_home", "load_meta", "open_dataset", "prepare"]
+__all__ = ["download", "lerobot_home", "load_meta", "open_dataset", "open_for_training", "prepare", "prepare_all"]
 
 
 def prepare(cfg: DatasetConfig) -> Path:
@@ -31,6 +31,50 @@ def prepare(cfg: DatasetConfig) -> Path:
     if not (root / "meta" / "info.json").is_file():
         raise UserError(f"dataset.root={root} holds no LeRobot dataset (no meta/info.json); check the path")
     return root
+
+
+def prepare_all(cfg: DatasetConfig) -> list[Path]:
+    """`prepare` the dataset, or each member of a mixture (their roots, in order)."""
+    if not cfg.is_mixture:
+        return [prepare(cfg)]
+    roots = []
+    for i, member in enumerate(cfg.datasets):
+        try:
+            roots.append(prepare(cfg.member(i)))
+        except UserError as err:
+            raise UserError(f"dataset.datasets[{i}] ({member.repo_id}): {err}") from None
+    return roots
+
+
+def open_for_training(cfg: DatasetConfig, sampler_cfg, policy_cfg, seed: int, roots: list[Path], device="cpu"):
+    """(dataset, sampler) as the policy `policy_cfg` reads them (its action chunk and history), from
+    the `roots` that `prepare_all` returned. A mixture, or one dataset with a rename_map, is read
+    through `robotrain.data.mixture`."""
+    from robotrain import policies
+
+    if cfg.is_mixture or cfg.rename_map:
+        from robotrain.data.mixture import open_mixture
+
+        return open_mixture(cfg, roots, policy_cfg, device,
+                            lambda dataset, k: _episode_sampler(dataset, sampler_cfg, policy_cfg, seed, k), seed,
+                            sampler_cfg.shuffle)
+    meta = load_meta(roots[0], cfg.repo_id)
+    delta_timestamps = policies.with_dataset_features(policy_cfg, meta.features).delta_timestamps(meta.fps)
+    dataset = open_dataset(cfg, meta, delta_timestamps, device=device)
+    return dataset, _episode_sampler(dataset, sampler_cfg, policy_cfg, seed)
+
+
+def _episode_sampler(dataset, sampler_cfg, policy_cfg, seed: int, member: int | None = None):
+    """The dataset's episode-aware order; a mixture member's is seeded apart from the others'."""
+    from robotrain.data.sampler import EpisodeAwareSampler, derived_seed
+
+    return EpisodeAwareSampler(
+        *dataset.episode_bounds, seed=seed if member is None else derived_seed(seed, f"mixture member {member}"),
+        shuffle=sampler_cfg.shuffle, permutation=sampler_cfg.permutation,
+        drop_n_first_frames=sampler_cfg.drop_n_first_frames,
+        # A policy may ask for more (LeRobot's Diffusion: its action horizon reaches past the end).
+        drop_n_last_frames=max(sampler_cfg.drop_n_last_frames, getattr(policy_cfg, "drop_n_last_frames", 0)),
+    )
 
 
 def load_meta(root: Path, repo_id: str | None = None):

@@ -39,6 +39,7 @@ permutation itself.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import operator
 from collections.abc import Iterator, Sequence
@@ -85,6 +86,13 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def _epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit seed for one epoch; mixing twice keeps (seed, epoch) and (seed+1, epoch-1) apart."""
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (epoch & _MASK64)) >> 1
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """A 63-bit seed for one use of the run's seed (e.g. a mixture member's order), independent of
+    the others: splitmix64 of the seed mixed with a stable hash of `purpose`."""
+    salt = int.from_bytes(hashlib.blake2b(purpose.encode(), digest_size=8).digest(), "little")
+    return _splitmix64((seed & _MASK64) ^ salt) >> 1
 
 
 def _feistel_half_bits(n: int) -> int:
@@ -358,6 +366,9 @@ class EpisodeAwareSampler(Sampler[int]):
 
     def check_state_dict(self, state: dict[str, Any]) -> None:
         """Refuse (one line) a state saved by another sampler or for another dataset."""
+        if state.get("kind") == "mixture":
+            raise UserError("the checkpoint's data position is in a mixture of datasets but this run reads one "
+                            "dataset: resume with the checkpoint's dataset.datasets, or pass resume.allow_changes=true")
         mine = self.state_dict()
         for key in ("version", "seed", "permutation", "shuffle", "drop_n_first_frames",
                     "drop_n_last_frames", "num_samples", "num_episodes"):

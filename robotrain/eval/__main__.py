@@ -46,7 +46,7 @@ def run(composed: DictConfig, out_dir: Path) -> float:
     record = min(cfg.eval.video_episodes, cfg.eval.episodes)
     result = rollout.evaluate(
         policy, cfg.env, episodes=cfg.eval.episodes, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-        max_steps=cfg.env.max_steps, rename_map=cfg.eval.rename_map, record=record,
+        max_steps=cfg.env.max_steps, rename_map=cfg.eval.rename_map or {}, record=record,
         videos_dir=out_dir / "videos" / f"{cfg.env.task_group}_0" if record else None,
         progress=_progress(cfg.eval.episodes),
     )

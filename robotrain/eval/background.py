@@ -58,7 +58,7 @@ class BackgroundEvaluations:
         spec = {"step": step, "policy": str(checkpoint / "pretrained_model"), "checkpoint": checkpoint.name,
                 "env": dataclasses.asdict(self.env), "episodes": self.eval_cfg.episodes,
                 "batch_size": self.eval_cfg.batch_size, "seed": self.eval_cfg.seed,
-                "rename_map": dict(self.eval_cfg.rename_map), "record": self.eval_cfg.video_episodes,
+                "rename_map": dict(self.eval_cfg.rename_map or {}), "record": self.eval_cfg.video_episodes,
                 "threads": self.eval_cfg.num_threads}
         (out / SPEC).write_text(json.dumps(spec, indent=2))
         self._launch(step, spec)

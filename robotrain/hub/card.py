@@ -8,13 +8,18 @@ def model_card(
     repo_id: str,
     *,
     policy_type: str,
-    dataset_repo_id: str,
+    dataset_repo_id: str | list[str],
     steps: int,
     metrics: dict[str, float] | None = None,
     adapter: bool = False,
 ) -> str:
     """README.md for the repo root: what was trained on what for how long, its final metrics, how
-    to load it and how to resume the run. `adapter`: the root holds PEFT adapter files."""
+    to load it and how to resume the run. `dataset_repo_id`: the dataset, or a mixture's members.
+    `adapter`: the root holds PEFT adapter files."""
+    datasets = [dataset_repo_id] if isinstance(dataset_repo_id, str) else list(dataset_repo_id)
+    dataset_list = "\n".join(f"- {d}" for d in datasets)
+    named = ", ".join(f"`{d}`" for d in datasets)
+    on_what = f"the LeRobot dataset {named}" if len(datasets) == 1 else f"a mixture of the LeRobot datasets {named}"
     rows = "\n".join(f"| {key} | {_fmt(value)} |" for key, value in sorted((metrics or {}).items()))
     table = f"| metric | value |\n|---|---|\n{rows}" if rows else "No metrics were recorded."
     weights = "PEFT adapter files (adapter_config.json, adapter_model.safetensors)" if adapter else "model.safetensors"
@@ -27,13 +32,12 @@ tags:
 - robotrain
 - {policy_type}
 datasets:
-- {dataset_repo_id}
+{dataset_list}
 ---
 
-# {policy_type} policy for `{dataset_repo_id}`
+# {policy_type} policy for {named}
 
-This `{policy_type}` policy was trained with robotrain for {steps} steps on the LeRobot dataset
-`{dataset_repo_id}`. The repo root holds the final model in LeRobot's pretrained_model layout
+This `{policy_type}` policy was trained with robotrain for {steps} steps on {on_what}. The repo root holds the final model in LeRobot's pretrained_model layout
 (config.json, {weights}, train_config.json and the normalization processor files).
 
 ## Final metrics (step {steps})

@@ -1,0 +1,252 @@
+"""Training on a weighted mixture of LeRobot datasets (robotrain.data.mixture): the order, the
+batches, the features and stats, and whole runs through the CLI."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robotrain.config import DatasetConfig, MixtureMember, SamplerConfig
+from robotrain.data import open_for_training
+from robotrain.data.mixture import MixtureSampler, block_quotas
+from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
+from robotrain.data.writing import write_dataset
+from robotrain.errors import UserError
+from robotrain.policies.mlp import MLPConfig
+from tests.conftest import assert_one_line_error
+
+CAMERA = {"dtype": "image", "shape": [16, 16, 3], "names": ["height", "width", "channels"]}
+
+
+def write_member(root: Path, member: int, *, episodes: int = 3, length: int = 12, fps: int = 10,
+                 camera: str = "observation.image", state_dim: int = 2, extra: str | None = None,
+                 video: bool = False) -> Path:
+    """A small LeRobot v3.0 dataset whose state says which member and frame a sample is:
+    state = [member, global frame index, ...], the camera filled with the member's number."""
+    features = {"observation.state": {"dtype": "float32", "shape": [state_dim], "names": None},
+                "action": {"dtype": "float32", "shape": [2], "names": None},
+                camera: {**CAMERA, "dtype": "video" if video else "image"}}
+    if extra:
+        features[extra] = {"dtype": "float32", "shape": [1], "names": None}
+
+    def episode(e: int) -> dict:
+        index = np.arange(e * length, (e + 1) * length, dtype=np.float32)
+        state = np.zeros((length, state_dim), np.float32)
+        state[:, 0], state[:, 1] = member, index
+        data = {"observation.state": state, "action": np.stack([index, index + 0.5], 1).astype(np.float32),
+                camera: np.full((length, 16, 16, 3), 40 * member, np.uint8), "task": f"task of member {member}"}
+        if extra:
+            data[extra] = np.ones((length, 1), np.float32)
+        return data
+
+    write_dataset(root, repo_id=f"test/member{member}", fps=fps, features=features,
+                  episodes=(episode(e) for e in range(episodes)))
+    return root
+
+
+def mixture_cfg(roots: list[Path], weights: list[float], **kwargs) -> DatasetConfig:
+    members = [MixtureMember(repo_id=f"test/member{k}", weight=w, root=str(r)) for k, (r, w) in
+               enumerate(zip(roots, weights))]
+    return DatasetConfig(repo_id=None, root=None, datasets=members, **kwargs)
+
+
+def open_mixture(roots, weights, seed=0, policy=None, **kwargs):
+    cfg = mixture_cfg(roots, weights, **kwargs)
+    return open_for_training(cfg, SamplerConfig(), policy or MLPConfig(), seed, roots)
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory) -> list[Path]:
+    base = tmp_path_factory.mktemp("members")
+    return [write_member(base / "m0", 0, episodes=3, length=12),
+            write_member(base / "m1", 1, episodes=2, length=20, fps=20),
+            write_member(base / "m2", 2, episodes=4, length=7)]
+
+
+def _samplers(sizes: list[int], seed: int = 0) -> list[EpisodeAwareSampler]:
+    return [EpisodeAwareSampler([0], [n], seed=seed + k) for k, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("weights, expected", [([2.0, 1.0], [2, 1]), ([0.37, 0.63], [37, 63]), ([1.0], [1]),
+                                               ([1.0, 1.0, 1.0, 1.0], [1, 1, 1, 1])])
+def test_block_quotas_are_the_weights_exact_ratios(weights, expected):
+    quotas = block_quotas(weights)
+    scale = quotas[0] // expected[0]
+    assert quotas == [q * scale for q in expected]
+
+
+def test_block_quotas_of_irregular_weights_are_close_and_keep_every_member():
+    weights = [1e-9, *np.random.default_rng(0).uniform(0.1, 5.0, size=99).tolist()]
+    quotas = block_quotas(weights)
+    assert sum(quotas) == 1 << 20 and min(quotas) >= 1
+    shares = np.array(quotas) / sum(quotas)
+    assert np.abs(shares[1:] - np.array(weights[1:]) / sum(weights)).max() < 2 / (1 << 20)
+
+
+def test_members_supply_their_weights_share_and_each_member_walks_its_own_order():
+    members = _samplers([50, 7, 300])
+    sampler = MixtureSampler(members, [2.0, 1.0, 1.0], [0, 50, 57], seed=3)
+    positions = np.arange(3 * sampler.block_size)
+    member, stream = sampler.members_at(positions)
+    counts = Counter(member.tolist())
+    assert [counts[k] / len(positions) for k in range(3)] == [0.5, 0.25, 0.25]
+    for k in range(3):  # each member's stream positions are used once each, in blocks
+        assert sorted(stream[member == k].tolist()) == list(range(counts[k]))
+    frames = sampler.frames_at(positions)
+    assert np.array_equal(frames[member == 1], 50 + members[1].frames_at(stream[member == 1]))
+    # A batch is a mix, not a run of one member: the first 64 positions hold all three.
+    assert set(member[:64].tolist()) == {0, 1, 2}
+
+
+def test_the_order_is_a_pure_function_of_seed_and_position():
+    def sampler(seed):
+        return MixtureSampler(_samplers([50, 7, 300]), [2.0, 1.0, 1.0], [0, 50, 57], seed=seed)
+
+    far = np.arange(10**9, 10**9 + 500)
+    a, b = sampler(3), sampler(3)
+    assert np.array_equal(a.frames_at(far), b.frames_at(far[::-1])[::-1])  # any order of asking, any seek
+    assert np.array_equal(a.frames_at(np.arange(1000)), np.concatenate([b.frames_at(np.arange(k, k + 100))
+                                                                         for k in range(0, 1000, 100)]))
+    assert not np.array_equal(a.frames_at(np.arange(1000)), sampler(4).frames_at(np.arange(1000)))
+
+
+def test_resume_at_another_world_size_draws_the_same_global_batches():
+    sampler = MixtureSampler(_samplers([50, 7, 300]), [2.0, 1.0, 1.0], [0, 50, 57], seed=3)
+    two = [GlobalBatchSampler(sampler, 4, num_processes=2, rank=r) for r in range(2)]
+    one = GlobalBatchSampler(sampler, 8, start_position=two[0].position_after(5))
+    for step in range(5, 9):
+        assert one.batch(step - 5) == two[0].batch(step) + two[1].batch(step)
+
+
+def test_state_refuses_another_mixture_or_one_dataset():
+    sampler = MixtureSampler(_samplers([50, 7]), [2.0, 1.0], [0, 50], seed=3)
+    sampler.seek(123)
+    state = json.loads(json.dumps(sampler.state_dict()))
+    same = MixtureSampler(_samplers([50, 7]), [2.0, 1.0], [0, 50], seed=3)
+    same.load_state_dict(state)
+    with pytest.raises(UserError, match="weights"):
+        MixtureSampler(_samplers([50, 7]), [1.0, 1.0], [0, 50], seed=3).check_state_dict(state)
+    with pytest.raises(UserError, match="members"):
+        MixtureSampler(_samplers([50, 8]), [2.0, 1.0], [0, 50], seed=3).check_state_dict(state)
+    with pytest.raises(UserError, match="mixture of datasets"):
+        _samplers([50])[0].check_state_dict(state)
+    with pytest.raises(UserError, match="one dataset"):
+        same.check_state_dict(_samplers([50])[0].state_dict())
+
+
+def test_batches_come_from_their_member_renamed_in_the_order_asked(members):
+    dataset, sampler = open_mixture(members, [1.0, 1.0, 1.0])
+    positions = np.arange(40)
+    frames = sampler.frames_at(positions)
+    batch = dataset.get_batch(frames.tolist())
+    member, _ = sampler.members_at(positions)
+    assert batch["member"].tolist() == member.tolist()
+    state = batch["observation.state"]
+    assert state[:, 0].tolist() == member.tolist()  # the member wrote its number into the state
+    assert state[:, 1].tolist() == batch["index"].tolist()
+    assert batch["observation.image"][:, 0, 0, 0].tolist() == [40 * m for m in member.tolist()]
+    assert batch["task"] == [f"task of member {m}" for m in member.tolist()]
+    # Each member's action chunk is read at its own fps and never crosses its episodes.
+    assert batch["action"].shape == (40, MLPConfig().chunk_size, 2) and "action_is_pad" in batch
+
+
+def test_stats_are_lerobots_aggregate_over_the_members(members):
+    from robotrain.data import load_meta
+    from robotrain.data.statistics import aggregate_stats
+
+    dataset, _ = open_mixture(members, [5.0, 1.0, 1.0])
+    expected = aggregate_stats([load_meta(root).stats for root in members])
+    for key in ("observation.state", "action"):
+        for stat in ("mean", "std", "min", "max"):
+            np.testing.assert_allclose(dataset.meta.stats[key][stat], expected[key][stat])
+    frames = np.concatenate([np.arange(36), np.arange(40), np.arange(28)]).astype(np.float64)
+    np.testing.assert_allclose(dataset.meta.stats["observation.state"]["mean"][1], frames.mean(), rtol=1e-6)
+
+
+def test_rename_map_maps_a_members_camera_to_the_policys_name(tmp_path):
+    roots = [write_member(tmp_path / "a", 0), write_member(tmp_path / "b", 1, camera="observation.images.wrist")]
+    with pytest.raises(UserError, match=r"dataset.datasets\[1\] \(test/member1\) has no feature 'observation.image'"):
+        open_mixture(roots, [1.0, 1.0])
+    cfg = mixture_cfg(roots, [1.0, 1.0])
+    cfg.datasets[1].rename_map = {"observation.images.wrist": "observation.image"}
+    dataset, sampler = open_for_training(cfg, SamplerConfig(), MLPConfig(), 0, roots)
+    batch = dataset.get_batch(sampler.frames_at(np.arange(16)).tolist())
+    assert batch["observation.image"][:, 0, 0, 0].tolist() == [40 * m for m in batch["member"].tolist()]
+
+
+def test_features_the_policy_does_not_use_are_kept_only_when_every_member_has_them(tmp_path):
+    roots = [write_member(tmp_path / "a", 0, extra="observation.extra"), write_member(tmp_path / "b", 1)]
+    policy = MLPConfig(input_features={"observation.state": {"type": "STATE", "shape": [2]},
+                                       "observation.image": {"type": "VISUAL", "shape": [3, 16, 16]}},
+                       output_features={"action": {"type": "ACTION", "shape": [2]}})
+    dataset, _ = open_mixture(roots, [1.0, 1.0], policy=policy)
+    assert "observation.extra" not in dataset.meta.features and "observation.extra" not in dataset.get_batch([0, 40])
+
+
+@pytest.mark.parametrize("case, member_kwargs, rename, expected", [
+    ("shape", {"state_dim": 3}, {}, "has 'observation.state' of shape [3]"),
+    ("rename onto an existing feature", {"extra": "observation.extra"},
+     {"observation.state": "observation.extra"}, "collides with its own feature 'observation.extra'"),
+])
+def test_incompatible_members_are_refused_naming_the_member(tmp_path, case, member_kwargs, rename, expected):
+    roots = [write_member(tmp_path / "a", 0), write_member(tmp_path / "b", 1, **member_kwargs)]
+    cfg = mixture_cfg(roots, [1.0, 1.0])
+    cfg.datasets[1].rename_map = rename
+    with pytest.raises(UserError, match=r"dataset.datasets\[1\] \(test/member1\)") as err:
+        open_for_training(cfg, SamplerConfig(), MLPConfig(), 0, roots)
+    assert expected in str(err.value)
+
+
+def mixture_overrides(roots: list[Path], weights: list[float]) -> list[str]:
+    members = ", ".join(f"{{repo_id: test/member{k}, weight: {w}, root: {r}}}" for k, (r, w) in
+                        enumerate(zip(roots, weights)))
+    return ["dataset=mixture", f"dataset.datasets=[{members}]"]
+
+
+FAST = ["policy=mlp", "batch_size=6", "eval.enabled=false", "log_every=2", "scheduler.warmup_steps=2"]
+
+
+def test_a_mixture_trains_logs_members_and_records_them(cli, members, tmp_path):
+    run_dir = tmp_path / "run"
+    done = cli.run(*FAST, *mixture_overrides(members, [2.0, 1.0, 1.0]), "steps=8", "log_samples=true",
+                   f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (run_dir / "samples_rank0.jsonl").read_text().splitlines()]
+    drawn = Counter(m for line in lines for m in line["member"])
+    assert len(lines) == 8 and sum(drawn.values()) == 48 and set(drawn) == {0, 1, 2}
+    config = json.loads((run_dir / "checkpoints" / "000008" / "pretrained_model" / "train_config.json").read_text())
+    assert [(m["repo_id"], m["weight"]) for m in config["dataset"]["datasets"]] == \
+        [("test/member0", 2.0), ("test/member1", 1.0), ("test/member2", 1.0)]
+
+
+BAD_MIXTURES = {
+    "empty list": (lambda roots: ["dataset=mixture"], "dataset.datasets is empty"),
+    "weight 0": (lambda roots: mixture_overrides(roots[:2], [1.0, 0.0]), "weights must be > 0"),
+    "negative weight": (lambda roots: mixture_overrides(roots[:2], [1.0, -2.0]), "weights must be > 0"),
+    "duplicate member": (lambda roots: ["dataset=mixture", f"dataset.datasets=[{{repo_id: test/a, root: {roots[0]}}}, "
+                                        f"{{repo_id: test/a, root: {roots[0]}}}]"], "repeats dataset.datasets[0]"),
+    "missing member": (lambda roots: mixture_overrides([roots[0], roots[0].parent / "nope"], [1.0, 1.0]),
+                       "dataset.datasets[1] (test/member1): dataset.root="),
+    "two features renamed to one name": (
+        lambda roots: [*mixture_overrides(roots[:2], [1.0, 1.0]),
+                       "dataset.rename_map={observation.image: cam, observation.state: cam}"],
+        "renames both 'observation.image' and 'observation.state' to 'cam'"),
+    "quoted dict keys (Hydra reads them bare)": (
+        lambda roots: [*mixture_overrides(roots[:2], [1.0, 1.0]), 'dataset.rename_map={"observation.image": "cam"}'],
+        "'dataset.rename_map={observation.images.wrist: observation.images.cam1}'"),
+    "repo_id beside datasets": (lambda roots: [*mixture_overrides(roots[:2], [1.0, 1.0]), "dataset.repo_id=user/x"],
+                                "are both set"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MIXTURES))
+def test_bad_mixtures_are_one_line_errors_that_write_nothing(cli, members, tmp_path, case):
+    make, expected = BAD_MIXTURES[case]
+    run_dir = tmp_path / "run"
+    done = cli.run(*FAST, "steps=2", *make(members), f"hydra.run.dir={run_dir}")
+    assert_one_line_error(done, expected)
+    assert not (run_dir / "checkpoints").exists()
