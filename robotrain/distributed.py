@@ -198,6 +198,17 @@ def max_over_processes(accelerator, value: float) -> float:
     return float(box.item())
 
 
+def sum_over_processes(accelerator, values):
+    """`values` (a CPU float64 tensor) summed over the processes (every process calls it)."""
+    if accelerator.num_processes == 1:
+        return values
+    import torch.distributed as dist
+
+    values = values.clone()
+    dist.all_reduce(values, group=_cpu_group())
+    return values
+
+
 _CPU_GROUP = None
 
 

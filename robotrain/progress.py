@@ -16,7 +16,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("robotrain")
 
@@ -103,3 +106,35 @@ def _terminal_columns() -> int:
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MemberLosses:
+    """Each mixture member's mean per-sample loss over the steps between two log lines
+    (`member_loss/<k>`, k its position in dataset.datasets), summed on the device without a sync
+    per step and over the processes at the log line. A member no sample came from is left out."""
+
+    def __init__(self, members: int):
+        self.members = members
+        self.sums = self.counts = None
+
+    def add(self, member: "torch.Tensor", per_sample: "torch.Tensor") -> None:
+        import torch
+
+        member = member.to(per_sample.device)
+        sums = torch.zeros(self.members, dtype=torch.float64, device=per_sample.device)
+        sums.index_add_(0, member, per_sample.detach().double())
+        counts = torch.bincount(member, minlength=self.members)
+        self.sums = sums if self.sums is None else self.sums + sums
+        self.counts = counts if self.counts is None else self.counts + counts
+
+    def flush(self, accelerator) -> dict[str, float]:
+        import torch
+
+        from robotrain import distributed
+
+        totals = torch.zeros(2, self.members, dtype=torch.float64)
+        if self.sums is not None:
+            totals = torch.stack([self.sums.cpu(), self.counts.cpu().double()])
+        totals = distributed.sum_over_processes(accelerator, totals)
+        self.sums = self.counts = None
+        return {f"member_loss/{k}": float(totals[0, k] / totals[1, k]) for k in range(self.members) if totals[1, k] > 0}

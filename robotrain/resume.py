@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from robotrain import checkpoint_layout as layout
 from robotrain.repo_id import is_repo_id
@@ -137,11 +137,12 @@ def _refuse_exactness_changes(base: DictConfig, merged: DictConfig) -> None:
     for key in EXACTNESS_KEYS:
         before, after = OmegaConf.select(base, key), OmegaConf.select(merged, key)
         if _plain(before) != _plain(after):
+            change = f"{_plain(before)!r} -> {_plain(after)!r}"
             raise UserError(
-                f"resuming with a different {key} ({_plain(before)!r} -> {_plain(after)!r}) would not continue "
+                f"resuming with a different {key}{f' ({change})' if len(change) <= 160 else ''} would not continue "
                 "the run exactly; drop that override or add resume.allow_changes=true"
             )
 
 
 def _plain(value):
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value

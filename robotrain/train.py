@@ -39,7 +39,8 @@ from robotrain.ema import Ema, EmaState
 from robotrain.optim import make_optimizer, make_scheduler
 from robotrain.precision import SCALER_STATE, Precision
 from robotrain.preemption import PreemptionFlag
-from robotrain.progress import MetricsLog, Progress, peak_memory_mb
+from robotrain.policies.base import PER_SAMPLE_LOSS
+from robotrain.progress import MemberLosses, MetricsLog, Progress, peak_memory_mb
 from robotrain.resume import ResumePoint
 
 log = logging.getLogger("robotrain")
@@ -136,7 +137,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     stream = batches(_loader(cfg, accelerator, dataset, position), cfg.prefetch * cfg.grad_accum_steps)
     augment = augmentation.for_training(cfg.dataset.image_transforms, cfg.seed, dataset.meta.camera_keys, position,
                                         accelerator.process_index, run_dir if accelerator.is_main_process else None)
-    training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler, ema, augment)
+    training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler, ema, augment,
+                         out.member_losses)
     try:
         step = result.step = _steps(training, stream, out, saver, step)
         if result.preempted_by is None:
@@ -248,6 +250,8 @@ class _Outputs:
     evaluator: "_Evaluator"
     sample_log: "_SampleLog | None"
     window: "_Window" = field(default_factory=lambda: _Window())
+    member_losses: MemberLosses | None = None
+    """A mixture's per-member losses, logged with the window's metrics."""
 
     @classmethod
     def open(cls, cfg, run_dir, tracker_run, accelerator, parallel, result, step, model,
@@ -258,13 +262,17 @@ class _Outputs:
         tracker = tracking.start(cfg, run_dir, tracker_run, step, model, main)
         evaluator = _Evaluator(cfg, accelerator, parallel, result, metrics_log, progress, tracker, run_dir, published)
         samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
-        return cls(cfg, accelerator, result, global_batch_size, metrics_log, progress, tracker, evaluator, samples)
+        members = MemberLosses(len(cfg.dataset.datasets)) if cfg.dataset.is_mixture else None
+        return cls(cfg, accelerator, result, global_batch_size, metrics_log, progress, tracker, evaluator, samples,
+                   member_losses=members)
 
     def report(self, step: int, lr: float) -> None:
         """After each step: the progress bar, and every `log_every` steps the window's metrics."""
         metrics = None
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:
             metrics = self.window.flush(lr, self.global_batch_size)
+            if self.member_losses is not None:
+                metrics.update(self.member_losses.flush(self.accelerator))
             metrics["peak_memory_mb"] = distributed.max_over_processes(self.accelerator,
                                                                        peak_memory_mb(self.accelerator.device))
             self.result.last_metrics = metrics
@@ -320,6 +328,8 @@ class _Training:
     ema: Ema | None = None
     augment: Any = None
     """(batch on the device, step, micro-batch) -> the batch with its camera frames augmented."""
+    member_losses: MemberLosses | None = None
+    """Where a mixture's per-sample losses are summed per member."""
 
     def update(self, micro_batches: list[dict], step: int):
         """One optimizer step on `grad_accum_steps` micro-batches; returns (loss, grad norm or
@@ -337,7 +347,9 @@ class _Training:
                     batch = self.augment(batch, step, micro)
                 with global_batch.step(cfg.seed, step, accelerator.process_index, accelerator.num_processes,
                                        micro, count) as share, self.precision.autocast():
-                    loss, _ = self.policy(batch)
+                    loss, metrics = self.policy(batch)
+                if self.member_losses is not None and PER_SAMPLE_LOSS in metrics:
+                    self.member_losses.add(batch[MEMBER_KEY], metrics[PER_SAMPLE_LOSS])
                 first = share.weight if micro == 0 else first
                 weights.append(share.weight / first if micro else 1.0)  # relative to the first micro-batch's
                 accelerator.backward(self.precision.scale(loss * weights[-1] if micro else loss))

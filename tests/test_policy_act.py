@@ -211,6 +211,8 @@ def test_loss_is_masked_l1_plus_weighted_kl_and_ignores_padded_targets():
     torch.manual_seed(0)
     loss, metrics = policy(batch)
     assert loss.item() == pytest.approx(metrics["l1_loss"].item() + 10.0 * metrics["kld_loss"].item(), rel=1e-5)
+    assert metrics["per_sample_loss"].shape == (4,)  # what a mixture's per-member loss averages
+    assert metrics["per_sample_loss"].mean().item() == pytest.approx(loss.item(), rel=1e-5)
     batch["action"] = batch["action"] + 100.0 * batch["action_is_pad"].unsqueeze(-1)
     torch.manual_seed(0)
     assert torch.equal(policy(batch)[0], loss)

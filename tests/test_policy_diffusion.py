@@ -276,7 +276,9 @@ def test_masked_loss_ignores_padded_targets(dataset):
     _, ends = dataset.episode_bounds
     batch = dataset.get_batch([int(i) - 1 for i in ends])  # last frames: padded chunks
     assert batch["action_is_pad"].any()
-    loss, _ = policy(batch)
+    loss, metrics = policy(batch)
+    per_sample = metrics["per_sample_loss"]  # what a mixture's per-member loss averages
+    assert per_sample.shape == (len(ends),) and per_sample.mean().item() == pytest.approx(loss.item(), rel=1e-5)
     batch["action"] = batch["action"] + 100.0 * batch["action_is_pad"].unsqueeze(-1)
     assert torch.equal(policy(batch)[0], loss)
     policy.config.do_mask_loss_for_padding = False

@@ -178,7 +178,11 @@ def test_loss_ignores_padded_targets(dataset, tiny_vlm):
     batch = torch.utils.data.default_collate([dataset[int(i) - 1] for i in ends])  # last frames: padded chunks
     assert batch["action_is_pad"].any()
     torch.manual_seed(3)
-    loss, _ = policy(batch)
+    loss, metrics = policy(batch)
+    # Per-sample losses (a mixture's per-member loss averages them) weigh into the loss by valid entries.
+    valid = (~batch["action_is_pad"]).sum(1).float()
+    per_sample = metrics["per_sample_loss"]
+    assert per_sample.shape == valid.shape and (per_sample * valid).sum() / valid.sum() == pytest.approx(loss.item(), rel=1e-5)
     batch["action"] = batch["action"] + 100.0 * batch["action_is_pad"].unsqueeze(-1)
     torch.manual_seed(3)
     assert torch.equal(policy(batch)[0], loss)

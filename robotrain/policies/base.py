@@ -113,6 +113,21 @@ class PolicyConfig:
         return deltas
 
 
+#: The metrics entry in which a policy's forward reports each sample's loss, (B,) detached: the
+#: training loop averages it per mixture member (`member_loss/<k>` in metrics.jsonl).
+PER_SAMPLE_LOSS = "per_sample_loss"
+
+
+def per_sample_mean(values: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean of `values` (B, ...) over the entries `valid` marks (all if None), detached."""
+    values = values.detach()
+    dims = tuple(range(1, values.dim()))
+    if valid is None:
+        return values.mean(dim=dims) if dims else values
+    valid = valid.expand_as(values)
+    return (values * valid).sum(dim=dims) / valid.sum(dim=dims).clamp(min=1)
+
+
 def features_from_dataset(meta_features: dict[str, dict]) -> tuple[dict, dict]:
     """LeRobot's `dataset_to_policy_features`: info.json features -> (inputs, outputs)."""
     inputs: dict[str, FeatureSpec] = {}
@@ -204,7 +219,8 @@ class Policy(nn.Module):
 
     # -- training ---------------------------------------------------------------------
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, metrics): metrics are detached 0-d tensors, so reading them is the caller's sync."""
+        """(loss, metrics): metrics are detached tensors, 0-d but for `PER_SAMPLE_LOSS` (B,), so
+        reading them is the caller's sync."""
         return self.compute_loss(self._normalize(batch, with_targets=True))
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

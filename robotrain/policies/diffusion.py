@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from robotrain import global_batch
 from robotrain.errors import UserError
-from robotrain.policies.base import Policy, PolicyConfig
+from robotrain.policies.base import PER_SAMPLE_LOSS, Policy, PolicyConfig, per_sample_mean
 from robotrain.policies.resnet import ResNet18
 
 log = logging.getLogger("robotrain")
@@ -349,8 +349,8 @@ class DiffusionModel(nn.Module):
         return actions[:, start: start + self.config.n_action_steps]
 
     def compute_loss(self, batch: dict[str, Tensor]) -> Tensor:
-        """DDPM training loss: noise the action trajectory at a random timestep, regress
-        epsilon (or the clean sample) with MSE."""
+        """DDPM training loss per entry (B, horizon, A): noise the action trajectory at a random
+        timestep, regress epsilon (or the clean sample) with MSE; the loss is its mean."""
         global_cond = self._prepare_global_conditioning(batch)
         trajectory = batch[ACTION]
         eps = global_batch.randn(trajectory.shape, trajectory.device)
@@ -362,7 +362,7 @@ class DiffusionModel(nn.Module):
         loss = F.mse_loss(pred, target, reduction="none")
         if self.config.do_mask_loss_for_padding:
             loss = loss * (~batch["action_is_pad"]).unsqueeze(-1)
-        return loss.mean()
+        return loss
 
 
 class SpatialSoftmax(nn.Module):
@@ -611,7 +611,8 @@ class DiffusionPolicy(Policy):
             raise UserError(f"the diffusion policy expects {self.config.n_obs_steps} observation frames and "
                             f"{self.config.horizon} actions per sample, got {n_obs} and {horizon}; build the dataset "
                             "with the policy's delta_timestamps")
-        return self.diffusion.compute_loss(batch), {}
+        loss = self.diffusion.compute_loss(batch)
+        return loss.mean(), {PER_SAMPLE_LOSS: per_sample_mean(loss)}
 
     def predict_chunk(self, batch: dict[str, Tensor]) -> Tensor:
         """Normalized actions (B, n_action_steps, A) from the current frame on. Observations

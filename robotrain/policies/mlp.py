@@ -16,7 +16,7 @@ from torch import nn
 
 from robotrain import global_batch
 from robotrain.errors import UserError
-from robotrain.policies.base import Policy, PolicyConfig
+from robotrain.policies.base import PER_SAMPLE_LOSS, Policy, PolicyConfig, per_sample_mean
 
 
 @dataclass
@@ -79,4 +79,5 @@ class MLPPolicy(Policy):
         loss_fn = F.l1_loss if self.config.loss == "l1" else F.mse_loss
         per_elem = loss_fn(pred, target, reduction="none")
         # Targets past the episode end are padding copies of the last frame: ignore them.
-        return global_batch.masked_mean(per_elem, ~batch["action_is_pad"].unsqueeze(-1)), {}
+        valid = ~batch["action_is_pad"].unsqueeze(-1)
+        return global_batch.masked_mean(per_elem, valid), {PER_SAMPLE_LOSS: per_sample_mean(per_elem, valid)}
