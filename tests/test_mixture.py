@@ -309,3 +309,37 @@ def test_bad_mixtures_are_one_line_errors_that_write_nothing(cli, members, tmp_p
     done = cli.run(*FAST, "steps=2", *make(members), f"hydra.run.dir={run_dir}")
     assert_one_line_error(done, expected)
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_v30_and_v21_members_read_alike(tmp_path):
+    """LeRobot's own v3.0 dataset and the same frames laid out as v2.1, mixed: a sample reads the same
+    from either member."""
+    from tests.test_lerobot_format import REFERENCE, write_v21
+
+    write_v21(tmp_path / "v21")
+    dataset, _ = open_mixture([REFERENCE, tmp_path / "v21"], [1.0, 1.0])
+    frames = list(range(0, 150, 7))
+    batch = dataset.get_batch(frames + [150 + i for i in frames])
+    assert batch["member"].tolist() == [0] * len(frames) + [1] * len(frames)
+    for key in ("observation.state", "action", "action_is_pad", "observation.image", "index"):
+        assert torch.equal(batch[key][: len(frames)], batch[key][len(frames):]), key
+
+
+def test_a_hub_member_is_downloaded_once_by_the_main_process(module_cli, hub, members, tmp_path):
+    repo = "user/mixture-member"
+    hub.run_python(f"""
+        from huggingface_hub import HfApi
+        api = HfApi()
+        api.create_repo({repo!r}, repo_type="dataset", exist_ok=True)
+        api.upload_folder(repo_id={repo!r}, repo_type="dataset", folder_path={str(members[1])!r})
+    """)
+    env = {**module_cli.env, **hub.env, "HF_LEROBOT_HOME": str(tmp_path / "lerobot")}
+    mark = hub.mark()
+    cli = type(module_cli)(env=env, cwd=tmp_path)
+    done = cli.run(*FAST, "steps=3", "distributed.processes=2", "batch_size=3", "dataset=mixture",
+                   f"dataset.datasets=[{{repo_id: test/member0, root: {members[0]}}}, {{repo_id: {repo}}}]",
+                   f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = [d["file"] for d in hub.downloads(since=mark, repo=repo)]
+    assert "data/chunk-000/file-000.parquet" in files and len(files) == len(set(files))
+    assert (tmp_path / "lerobot" / repo / "meta" / "info.json").is_file()
