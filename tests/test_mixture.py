@@ -105,6 +105,21 @@ def test_members_supply_their_weights_share_and_each_member_walks_its_own_order(
     assert set(member[:64].tolist()) == {0, 1, 2}
 
 
+def test_every_member_draws_what_its_own_sampler_draws_at_its_stream_positions():
+    """Feistel members are permuted together in one vectorized pass: it must give each member's own order."""
+    members = [EpisodeAwareSampler([0, 40], [30, 97], seed=1, permutation="feistel", drop_n_first_frames=2),
+               EpisodeAwareSampler([0], [5], seed=2, permutation="randperm"),
+               EpisodeAwareSampler([0, 10, 13], [10, 13, 1000], seed=3, permutation="feistel"),
+               EpisodeAwareSampler([0], [50], seed=4, shuffle=False)]
+    sampler = MixtureSampler(members, [3.0, 1.0, 2.0, 1.0], [0, 100, 200, 1200], seed=9)
+    positions = np.concatenate([np.arange(5000), np.arange(10**7, 10**7 + 3000)])
+    member, stream = sampler.members_at(positions)
+    expected = np.empty_like(stream)
+    for k, own in enumerate(members):
+        expected[member == k] = sampler.offsets[k] + own.frames_at(stream[member == k])
+    assert np.array_equal(sampler.frames_at(positions), expected)
+
+
 def test_the_order_is_a_pure_function_of_seed_and_position():
     def sampler(seed):
         return MixtureSampler(_samplers([50, 7, 300]), [2.0, 1.0, 1.0], [0, 50, 57], seed=seed)

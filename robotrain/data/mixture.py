@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from robotrain.data.metadata import CAMERA_DTYPES, DatasetMeta
-from robotrain.data.sampler import EpisodeAwareSampler, derived_seed, feistel_keys, feistel_permute
+from robotrain.data.sampler import EpisodeAwareSampler, derived_seed, feistel_half_bits, feistel_keys, \
+    feistel_permute
 from robotrain.data.statistics import aggregate_stats
 from robotrain.errors import UserError
 
@@ -91,6 +92,10 @@ class MixtureSampler:
         self._slot_end = np.cumsum(self.quotas)
         self._block_seed = derived_seed(seed, "mixture blocks")
         self._keys: dict[int, np.ndarray] = {}
+        self._member_key_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._sizes = np.array([m.num_samples for m in self.members], dtype=np.int64)
+        self._feistel = np.array([m.shuffle and m.permutation == "feistel" for m in self.members])
+        self._half_bits = np.array([feistel_half_bits(m.num_samples) for m in self.members], dtype=np.int64)
         self._position = 0
 
     @property
@@ -114,11 +119,36 @@ class MixtureSampler:
     def frames_at(self, positions: np.ndarray | Sequence[int]) -> np.ndarray:
         """Frame indices (concatenated space) at the given global positions."""
         member, stream = self.members_at(positions)
+        epoch, offset = np.divmod(stream, self._sizes[member])
+        valid = offset.copy()
+        # Feistel members are permuted in one vectorized pass (a batch touches many members:
+        # one call per member would cost more than the draws); randperm members one by one.
+        feistel = self._feistel[member]
+        if feistel.any():
+            keys = self._member_keys(member[feistel], epoch[feistel])
+            valid[feistel] = feistel_permute(offset[feistel], self._sizes[member[feistel]], keys,
+                                             self._half_bits[member[feistel]])
         frames = np.empty_like(stream)
         for k in np.unique(member).tolist():
             mask = member == k
-            frames[mask] = self.offsets[k] + self.members[k].frames_at(stream[mask])
+            if not self._feistel[k]:
+                for e in np.unique(epoch[mask]).tolist():  # ascending: a cached randperm ends on the newest
+                    rows = mask & (epoch == e)
+                    valid[rows] = self.members[k].permute(e, offset[rows])
+            frames[mask] = self.offsets[k] + self.members[k].valid_to_frames(valid[mask])
         return frames
+
+    def _member_keys(self, member: np.ndarray, epoch: np.ndarray) -> np.ndarray:
+        """Feistel round keys (rounds, len(member)) of each (member, epoch)."""
+        pairs, inverse = np.unique(np.stack([member, epoch]), axis=1, return_inverse=True)
+        if len(self._member_key_cache) > 4096:  # a run moves forward: forget epochs behind it
+            self._member_key_cache.clear()
+        table = []
+        for k, e in pairs.T.tolist():
+            if (k, e) not in self._member_key_cache:
+                self._member_key_cache[(k, e)] = feistel_keys(self.members[k].seed, e)
+            table.append(self._member_key_cache[(k, e)])
+        return np.stack(table, axis=1)[:, inverse.reshape(-1)]
 
     def _block_keys(self, block: int) -> np.ndarray:
         if block not in self._keys:

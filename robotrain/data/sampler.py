@@ -95,30 +95,38 @@ def derived_seed(seed: int, purpose: str) -> int:
     return _splitmix64((seed & _MASK64) ^ salt) >> 1
 
 
-def _feistel_half_bits(n: int) -> int:
+def feistel_half_bits(n: int) -> int:
     """Half-width h of the smallest domain 4^h >= n (h >= 1 so that n = 1 still has two halves)."""
     return max(1, ((n - 1).bit_length() + 1) // 2)
 
 
-def _feistel_encrypt(x: np.ndarray, keys: np.ndarray, half_bits: int) -> np.ndarray:
-    """A balanced Feistel network: a bijection of [0, 4**half_bits) for any round keys."""
-    shift = np.uint64(half_bits)
-    mask = np.uint64((1 << half_bits) - 1)
+def _feistel_encrypt(x: np.ndarray, keys: np.ndarray, half_bits: int | np.ndarray) -> np.ndarray:
+    """A balanced Feistel network: a bijection of [0, 4**half_bits) for any round keys. `keys` is
+    (rounds,), or (rounds, len(x)) with `half_bits` per element: many permutations in one pass."""
+    shift = np.asarray(half_bits, dtype=np.uint64)
+    mask = (np.uint64(1) << shift) - np.uint64(1)
     left, right = x >> shift, x & mask
     for key in keys:
         left, right = right, left ^ (_mix64(right ^ key) & mask)
     return (left << shift) | right
 
 
-def feistel_permute(offsets: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
+def feistel_permute(offsets: np.ndarray, n: int | np.ndarray, keys: np.ndarray,
+                    half_bits: np.ndarray | None = None) -> np.ndarray:
     """Map offsets in ``[0, n)`` through the keyed Feistel permutation of ``[0, n)``.
 
     Cycle-walking (re-encrypting values that land in ``[n, 4**h)``) restricts the bijection of
-    the power-of-four domain to a bijection of ``[0, n)``.
+    the power-of-four domain to a bijection of ``[0, n)``. With `n` an array (one domain per
+    offset), `keys` (rounds, len(offsets)) and `half_bits` (`feistel_half_bits` of each `n`),
+    each offset goes through its own permutation.
     """
-    half_bits = _feistel_half_bits(n)
+    per_element = np.ndim(n) > 0
+    n = np.asarray(n, dtype=np.int64)
+    if not per_element:
+        half_bits = feistel_half_bits(int(n))
+    bound = n.astype(np.uint64)
     out = _feistel_encrypt(np.asarray(offsets, dtype=np.uint64), keys, half_bits)
-    pending = np.flatnonzero(out >= np.uint64(n))
+    pending = np.flatnonzero(out >= bound)
     walks = 0
     while pending.size:
         walks += 1
@@ -126,9 +134,14 @@ def feistel_permute(offsets: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray
             raise RuntimeError(
                 f"feistel cycle-walk exceeded {_MAX_CYCLE_WALKS} steps for n={n}; this is a bug"
             )
-        walked = _feistel_encrypt(out[pending], keys, half_bits)
-        out[pending] = walked
-        pending = pending[walked >= np.uint64(n)]
+        if per_element:
+            walked = _feistel_encrypt(out[pending], keys[:, pending], half_bits[pending])
+            out[pending] = walked
+            pending = pending[walked >= bound[pending]]
+        else:
+            walked = _feistel_encrypt(out[pending], keys, half_bits)
+            out[pending] = walked
+            pending = pending[walked >= bound]
     return out.astype(np.int64)
 
 
@@ -294,20 +307,20 @@ class EpisodeAwareSampler(Sampler[int]):
         epochs, offsets = np.divmod(pos, self.num_samples)
         first_epoch, last_epoch = int(epochs.min()), int(epochs.max())
         if first_epoch == last_epoch:
-            valid = self._permute(first_epoch, offsets)
+            valid = self.permute(first_epoch, offsets)
         else:
             valid = np.empty_like(offsets)
             # Ascending, so a cached randperm ends on the latest epoch the caller moves into.
             for epoch in np.unique(epochs).tolist():
                 mask = epochs == epoch
-                valid[mask] = self._permute(epoch, offsets[mask])
-        return self._valid_to_frame(valid)
+                valid[mask] = self.permute(epoch, offsets[mask])
+        return self.valid_to_frames(valid)
 
     def frame_at(self, position: int) -> int:
         """The frame index at one global position."""
         return int(self.frames_at(np.array([position], dtype=np.int64))[0])
 
-    def _permute(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
+    def permute(self, epoch: int, offsets: np.ndarray) -> np.ndarray:
         """Offsets within ``epoch`` -> valid-frame indices in ``[0, num_samples)``."""
         if not self.shuffle:
             return offsets
@@ -326,7 +339,8 @@ class EpisodeAwareSampler(Sampler[int]):
             self._perm_epoch = epoch
         return self._perm
 
-    def _valid_to_frame(self, valid: np.ndarray) -> np.ndarray:
+    def valid_to_frames(self, valid: np.ndarray) -> np.ndarray:
+        """Valid-frame indices in ``[0, num_samples)`` -> frame indices."""
         if self._base_offset is not None:
             return valid + self._base_offset
         episode = np.searchsorted(self._cum_end, valid, side="right")
