@@ -358,3 +358,37 @@ def test_a_hub_member_is_downloaded_once_by_the_main_process(module_cli, hub, me
     files = [d["file"] for d in hub.downloads(since=mark, repo=repo)]
     assert "data/chunk-000/file-000.parquet" in files and len(files) == len(set(files))
     assert (tmp_path / "lerobot" / repo / "meta" / "info.json").is_file()
+
+
+def test_cameras_of_other_sizes_are_read_at_the_size_a_resizing_policy_resizes_them_to(tmp_path):
+    """SmolVLA resizes every camera (with padding) to 512x512, here 16x16: members whose camera has
+    another size are resized so in the loader, as the policy would, and its own resize is then a no-op."""
+    from robotrain.policies.base import resize_with_pad
+    from robotrain.policies.smolvla import SmolVLAConfig
+
+    roots = [write_member(tmp_path / "a", 0), write_member(tmp_path / "b", 1)]
+    info = json.loads((roots[1] / "meta" / "info.json").read_text())  # member 1: a 24x16 camera
+    with pytest.raises(UserError, match="cameras may differ in size for a policy that resizes"):
+        open_mixture([roots[0], write_wide(tmp_path / "wide", info)], [1.0, 1.0])
+    wide = tmp_path / "wide"
+    dataset, _ = open_mixture([roots[0], wide], [1.0, 1.0], policy=SmolVLAConfig(resize_imgs_with_padding=[16, 16]))
+    assert dataset.meta.features["observation.image"]["shape"] == [16, 16, 3]
+    batch = dataset.get_batch([0, 36, 1])
+    assert batch["observation.image"].shape == (3, 3, 16, 16) and batch["observation.image"].dtype == torch.uint8
+    original = dataset.datasets[1].get_batch([0])["observation.image"].float()
+    expected = resize_with_pad(original, 16, 16, pad_value=0)
+    assert (batch["observation.image"][1:2].float() - expected).abs().max() <= 0.5
+    as_float = batch["observation.image"].float() / 255
+    assert torch.equal(resize_with_pad(as_float, 16, 16, pad_value=0), as_float)  # the policy's resize: a no-op
+
+
+def write_wide(root: Path, info: dict) -> Path:
+    """A member like write_member's, with a 16 (high) x 24 (wide) camera holding a horizontal ramp."""
+    features = {k: v for k, v in info["features"].items() if k in ("observation.state", "action")}
+    features["observation.image"] = {**CAMERA, "shape": [16, 24, 3]}
+    ramp = np.broadcast_to(np.linspace(0, 250, 24, dtype=np.float32)[None, None, :, None], (12, 16, 24, 3))
+    episodes = [{"observation.state": np.zeros((12, 2), np.float32), "action": np.zeros((12, 2), np.float32),
+                 "observation.image": ramp.astype(np.uint8), "task": "wide"} for _ in range(2)]
+    if not (root / "meta").is_dir():
+        write_dataset(root, repo_id="test/wide", fps=10, features=features, episodes=episodes)
+    return root

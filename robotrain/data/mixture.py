@@ -17,8 +17,9 @@ Order
 Features
     A member's features are renamed as it is read (`dataset.rename_map`, then the member's own
     `rename_map`). The features the policy uses — `policy.input_features`/`output_features`,
-    else those of the first member — must be in every member with the same shape; a feature the
-    policy does not use is kept only when every member has it alike. Each member's action chunk
+    else those of the first member — must be in every member with the same shape (a camera may
+    differ in size for a policy that resizes its images itself: it is resized so in the loader);
+    a feature the policy does not use is kept only when every member has it alike. Each member's action chunk
     and observation history use its own fps. Normalization stats are LeRobot's
     `aggregate_stats` over the members: count-weighted means and variances, min of mins, max of
     maxes — the stats of the concatenated frames, not weighted by the mixture's weights (the
@@ -41,6 +42,7 @@ from robotrain.data.sampler import EpisodeAwareSampler, derived_seed, feistel_ha
     feistel_permute
 from robotrain.data.statistics import aggregate_stats
 from robotrain.errors import UserError
+from robotrain.policies.base import resize_with_pad
 
 #: A block of slots holds each member's exact share when the weights' ratios have a common
 #: denominator up to this size; otherwise the shares are rounded to this resolution.
@@ -236,10 +238,15 @@ class MixtureMeta:
         return [k for k, ft in self.features.items() if ft["dtype"] in CAMERA_DTYPES]
 
 
-def common_features(members: Sequence[Member], needed: Sequence[str]) -> dict[str, dict[str, Any]]:
+def common_features(members: Sequence[Member], needed: Sequence[str],
+                    resize: tuple[int, int] | None = None) -> dict[str, dict[str, Any]]:
     """The run's features: every `needed` one (the policy's), checked in each member; and the
-    others that every member has alike."""
+    others that every member has alike. With `resize` (the policy's (width, height), see
+    `PolicyConfig.image_resize`), a camera may differ in size between members: it is read at that
+    size (`cameras_to_resize`)."""
     first = members[0].features
+    features = {key: ft for key, ft in first.items()
+                if key in needed or all(_alike(m.features.get(key), ft) for m in members)}
     for key in needed:
         for member in members:
             feature = member.features.get(key)
@@ -247,13 +254,29 @@ def common_features(members: Sequence[Member], needed: Sequence[str]) -> dict[st
                 raise UserError(f"{member.name} has no feature {key!r}, which the policy uses (it has "
                                 f"{', '.join(sorted(member.features))}); map one of them to it with its rename_map, or "
                                 "leave it out of policy.input_features")
-            reference = next(m for m in members if key in m.features).features[key]
-            if list(feature["shape"]) != list(reference["shape"]):
-                raise UserError(f"{member.name} has {key!r} of shape {list(feature['shape'])} but "
-                                f"{members[0].name} has {list(reference['shape'])}: members must agree on the "
-                                "policy's features (rename another feature to it, or leave the member out)")
-    return {key: ft for key, ft in first.items()
-            if key in needed or all(_alike(m.features.get(key), ft) for m in members)}
+            reference = first[key]
+            if list(feature["shape"]) == list(reference["shape"]):
+                continue
+            if resize is not None and _is_camera(feature) and _is_camera(reference) \
+                    and feature["shape"][-1] == reference["shape"][-1]:
+                width, height = resize
+                features[key] = {**reference, "shape": [height, width, reference["shape"][-1]]}
+                continue
+            raise UserError(f"{member.name} has {key!r} of shape {list(feature['shape'])} but "
+                            f"{members[0].name} has {list(reference['shape'])}: members must agree on the "
+                            "policy's features (rename another feature to it, or leave the member out; cameras "
+                            "may differ in size for a policy that resizes its images, such as smolvla)")
+    return features
+
+
+def cameras_to_resize(members: Sequence[Member], features: dict[str, dict[str, Any]]) -> list[frozenset[str]]:
+    """For each member, the cameras (the run's names) that it holds at another size than the run's."""
+    return [frozenset(key for key, ft in features.items() if _is_camera(ft) and key in member.features
+                      and list(member.features[key]["shape"]) != list(ft["shape"])) for member in members]
+
+
+def _is_camera(feature: dict[str, Any]) -> bool:
+    return feature["dtype"] in CAMERA_DTYPES
 
 
 def _alike(a: dict | None, b: dict) -> bool:
@@ -271,6 +294,7 @@ class MixtureDataset:
 
     def __init__(self, datasets: Sequence[Any], members: Sequence[Member], meta: MixtureMeta):
         self.datasets, self.members, self.meta = list(datasets), list(members), meta
+        self.resized = cameras_to_resize(self.members, meta.features)
         sizes = [len(d) for d in self.datasets]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         self._len = int(sum(sizes))
@@ -295,13 +319,24 @@ class MixtureDataset:
             if end > start:
                 part = self.datasets[k].get_batch(idx[by_member[start:end]] - self.offsets[k])
                 names = self._names(k, part)
-                parts.append({names[key]: value for key, value in part.items() if names[key] is not None})
+                part = {names[key]: value for key, value in part.items() if names[key] is not None}
+                for key in self.resized[k]:
+                    part[key] = self._resize(key, part[key])
+                parts.append(part)
             start = end
         # by_member[i] is the batch row of the i-th frame read; put each back in its row.
         order = None if len(parts) == 1 or np.all(by_member[1:] > by_member[:-1]) else np.argsort(by_member)
         batch = {key: _stitch([part[key] for part in parts], order) for key in parts[0]}
         batch[MEMBER_KEY] = torch.from_numpy(member)
         return batch
+
+    def _resize(self, key: str, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (..., C, H, W) resized with padding to the run's size for `key`, as the
+        policy itself would resize them (rounded back to uint8: within 1/510 of its float resize)."""
+        height, width = self.meta.features[key]["shape"][:2]
+        flat = frames.reshape(-1, *frames.shape[-3:]).float()
+        resized = resize_with_pad(flat, width, height, pad_value=0).round_().clamp_(0, 255).to(torch.uint8)
+        return resized.reshape(*frames.shape[:-3], *resized.shape[-3:])
 
     def _names(self, k: int, part: dict[str, Any]) -> dict[str, str | None]:
         """Member `k`'s batch keys -> the run's names (None: a feature the run does not keep)."""
@@ -337,7 +372,8 @@ def open_mixture(cfg, roots: Sequence[Path], policy_cfg, device, member_sampler,
         name = f"dataset.datasets[{k}] ({source.repo_id})" if cfg.is_mixture else f"dataset {source.repo_id}"
         members.append(Member.of(name, load_meta(root, source.repo_id), source.rename_map or {}))
     resolved = policies.with_dataset_features(policy_cfg, members[0].features)
-    meta = mixture_meta(members, common_features(members, [*resolved.input_features, *resolved.output_features]))
+    needed = [*resolved.input_features, *resolved.output_features]
+    meta = mixture_meta(members, common_features(members, needed, resolved.image_resize()))
     datasets, samplers = [], []
     for k, (source, member) in enumerate(zip(sources, members)):
         deltas = {member.original(key): v for key, v in resolved.delta_timestamps(member.meta.fps).items()}

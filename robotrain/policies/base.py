@@ -27,6 +27,7 @@ import numpy as np
 import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
 from torch import nn
 
 from robotrain.errors import UserError
@@ -93,6 +94,11 @@ class PolicyConfig:
         """The VISUAL inputs, in feature order (LeRobot's PreTrainedConfig.image_features)."""
         return {k: ft for k, ft in (self.input_features or {}).items() if ft["type"] == "VISUAL"}
 
+    def image_resize(self) -> tuple[int, int] | None:
+        """(width, height) every camera is resized to, with padding (`resize_with_pad`), before the
+        model sees it; None: images are used at the dataset's size. A mixture may then mix camera sizes."""
+        return None
+
     @property
     def observation_delta_indices(self) -> list[int] | None:
         """Frame offsets of the observations a sample holds (None: the current frame only).
@@ -111,6 +117,17 @@ class PolicyConfig:
             for key in self.input_features or {}:
                 deltas[key] = [i / fps for i in self.observation_delta_indices]
         return deltas
+
+
+def resize_with_pad(img: torch.Tensor, width: int, height: int, pad_value: float = -1) -> torch.Tensor:
+    """Resize (B, C, H, W) to fit (height, width) keeping aspect ratio, padding left and top (LeRobot's
+    SmolVLA and pi0); an image of that size already comes back unchanged."""
+    cur_height, cur_width = img.shape[2:]
+    ratio = max(cur_width / width, cur_height / height)
+    resized_height, resized_width = int(cur_height / ratio), int(cur_width / ratio)
+    img = F.interpolate(img, size=(resized_height, resized_width), mode="bilinear", align_corners=False)
+    pad_height, pad_width = max(0, int(height - resized_height)), max(0, int(width - resized_width))
+    return F.pad(img, (pad_width, 0, pad_height, 0), value=pad_value)
 
 
 #: The metrics entry in which a policy's forward reports each sample's loss, (B,) detached: the

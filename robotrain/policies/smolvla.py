@@ -57,7 +57,7 @@ from torch import nn
 
 from robotrain import global_batch
 from robotrain.errors import UserError
-from robotrain.policies.base import PER_SAMPLE_LOSS, Policy, PolicyConfig, per_sample_mean
+from robotrain.policies.base import PER_SAMPLE_LOSS, Policy, PolicyConfig, per_sample_mean, resize_with_pad
 
 OBS_STATE = "observation.state"
 ACTION = "action"
@@ -84,6 +84,7 @@ class SmolVLAConfig(PolicyConfig):
     """Action vectors are zero-padded to this size."""
     resize_imgs_with_padding: Optional[list[int]] = field(default_factory=lambda: [512, 512])
     """Images are resized to fit [width, height], keeping aspect ratio, and padded; null: as is."""
+
     empty_cameras: int = 0
     """Extra all-padding cameras added to the inputs (LeRobot's smolvla_aloha_sim uses 2)."""
     adapt_to_pi_aloha: bool = False
@@ -152,6 +153,9 @@ class SmolVLAConfig(PolicyConfig):
     """Recompute each transformer layer (VLM and expert) in the backward pass instead of keeping its activations."""
 
     robotrain_fields: ClassVar[tuple[str, ...]] = (*PolicyConfig.robotrain_fields, "gradient_checkpointing")
+
+    def image_resize(self) -> tuple[int, int] | None:
+        return tuple(self.resize_imgs_with_padding) if self.resize_imgs_with_padding is not None else None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -538,16 +542,6 @@ def make_att_2d_masks(pad_masks: torch.Tensor, att_masks: torch.Tensor) -> torch
     cumsum = torch.cumsum(att_masks, dim=1)
     att_2d = cumsum[:, None, :] <= cumsum[:, :, None]
     return att_2d & (pad_masks[:, None, :] * pad_masks[:, :, None])
-
-
-def resize_with_pad(img: torch.Tensor, width: int, height: int, pad_value: float = -1) -> torch.Tensor:
-    """Resize (B, C, H, W) to fit (height, width) keeping aspect ratio, padding left and top."""
-    cur_height, cur_width = img.shape[2:]
-    ratio = max(cur_width / width, cur_height / height)
-    resized_height, resized_width = int(cur_height / ratio), int(cur_width / ratio)
-    img = F.interpolate(img, size=(resized_height, resized_width), mode="bilinear", align_corners=False)
-    pad_height, pad_width = max(0, int(height - resized_height)), max(0, int(width - resized_width))
-    return F.pad(img, (pad_width, 0, pad_height, 0), value=pad_value)
 
 
 def pad_vector(vector: torch.Tensor, new_dim: int) -> torch.Tensor:
