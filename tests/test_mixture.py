@@ -169,8 +169,16 @@ def test_batches_come_from_their_member_renamed_in_the_order_asked(members):
     pixels = batch["observation.image"][:, 0, 0, 0].int()  # member 2's camera is AV1 video: lossy
     assert ((pixels - 40 * torch.from_numpy(member)).abs() <= 3).all()
     assert batch["task"] == [f"task of member {m}" for m in member.tolist()]
-    # Each member's action chunk is read at its own fps and never crosses its episodes.
-    assert batch["action"].shape == (40, MLPConfig().chunk_size, 2) and "action_is_pad" in batch
+    # Each member's action chunk is read at its own fps (member 1 has 20, the others 10): consecutive
+    # frames of the sample's own episode (action = [index, index + 0.5]), padded past its end.
+    chunk = MLPConfig().chunk_size
+    assert batch["action"].shape == (40, chunk, 2)
+    lengths = {0: 12, 1: 20, 2: 7}
+    for row in range(40):
+        index, length = int(batch["index"][row]), lengths[int(member[row])]
+        valid = min(chunk, length - index % length)
+        assert batch["action"][row, :valid, 0].tolist() == list(range(index, index + valid))
+        assert batch["action_is_pad"][row].tolist() == [False] * valid + [True] * (chunk - valid)
 
 
 def test_stats_are_lerobots_aggregate_over_the_members(members):
@@ -317,8 +325,27 @@ BAD_MIXTURES = {
 }
 
 
+BAD_MIXTURES.update({
+    "a rename onto a feature the member has": (
+        lambda roots: [*mixture_overrides([roots[0], roots[3]], [1.0, 1.0]),
+                       "dataset.rename_map={observation.state: observation.extra}"],
+        "collides with its own feature 'observation.extra'"),
+    "shapes that differ after renaming": (lambda roots: mixture_overrides([roots[0], roots[4]], [1.0, 1.0]),
+                                          "has 'observation.state' of shape [3]"),
+})
+
+
+@pytest.fixture(scope="module")
+def odd_members(members, tmp_path_factory) -> list[Path]:
+    """`members`, then one with an extra feature and one with a state of size 3."""
+    base = tmp_path_factory.mktemp("odd")
+    return [*members, write_member(base / "extra", 1, extra="observation.extra"),
+            write_member(base / "wide_state", 1, state_dim=3)]
+
+
 @pytest.mark.parametrize("case", sorted(BAD_MIXTURES))
-def test_bad_mixtures_are_one_line_errors_that_write_nothing(cli, members, tmp_path, case):
+def test_bad_mixtures_are_one_line_errors_that_write_nothing(cli, odd_members, tmp_path, case):
+    members = odd_members
     make, expected = BAD_MIXTURES[case]
     run_dir = tmp_path / "run"
     done = cli.run(*FAST, "steps=2", *make(members), f"hydra.run.dir={run_dir}")
@@ -392,3 +419,13 @@ def write_wide(root: Path, info: dict) -> Path:
     if not (root / "meta").is_dir():
         write_dataset(root, repo_id="test/wide", fps=10, features=features, episodes=episodes)
     return root
+
+
+def test_each_member_drops_the_first_and_last_frames_of_its_episodes(members):
+    cfg = mixture_cfg(members, [1.0, 1.0, 1.0])
+    dataset, sampler = open_for_training(cfg, SamplerConfig(drop_n_first_frames=2, drop_n_last_frames=3),
+                                         MLPConfig(), 0, members)
+    batch = dataset.get_batch(sampler.frames_at(np.arange(500)).tolist())
+    lengths = torch.tensor([12, 20, 7])[batch["member"]]
+    assert (batch["frame_index"] >= 2).all() and (batch["frame_index"] < lengths - 3).all()
+    assert {int(f) for f in batch["frame_index"][batch["member"] == 2]} == {2, 3}  # 7 frames: 2 and 3 remain
