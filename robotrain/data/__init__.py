@@ -53,15 +53,35 @@ def open_for_training(cfg: DatasetConfig, sampler_cfg, policy_cfg, seed: int, ro
     from robotrain import policies
 
     if cfg.is_mixture or cfg.rename_map:
-        from robotrain.data.mixture import open_mixture
-
-        return open_mixture(cfg, roots, policy_cfg, device,
-                            lambda dataset, k: _episode_sampler(dataset, sampler_cfg, policy_cfg, seed, k), seed,
-                            sampler_cfg.shuffle)
+        return _open_mixture(cfg, sampler_cfg, policy_cfg, seed, roots, device)
     meta = load_meta(roots[0], cfg.repo_id)
     delta_timestamps = policies.with_dataset_features(policy_cfg, meta.features).delta_timestamps(meta.fps)
     dataset = open_dataset(cfg, meta, delta_timestamps, device=device)
     return dataset, _episode_sampler(dataset, sampler_cfg, policy_cfg, seed)
+
+
+def _open_mixture(cfg: DatasetConfig, sampler_cfg, policy_cfg, seed: int, roots: list[Path], device):
+    """(MixtureDataset, MixtureSampler) of `cfg`'s members (or of its one dataset, renamed), read
+    as `policy_cfg` needs (see robotrain.data.mixture)."""
+    from robotrain import policies
+    from robotrain.data.mixture import Member, MixtureDataset, MixtureSampler, common_features, mixture_meta
+
+    sources = [cfg.member(k) for k in range(len(cfg.datasets))] if cfg.is_mixture else [cfg]
+    weights = [m.weight for m in cfg.datasets] if cfg.is_mixture else [1.0]
+    members = []
+    for k, (source, root) in enumerate(zip(sources, roots)):
+        name = f"dataset.datasets[{k}] ({source.repo_id})" if cfg.is_mixture else f"dataset {source.repo_id}"
+        members.append(Member.of(name, load_meta(root, source.repo_id), source.rename_map or {}))
+    resolved = policies.with_dataset_features(policy_cfg, members[0].features)
+    needed = [*resolved.input_features, *resolved.output_features]
+    meta = mixture_meta(members, common_features(members, needed, resolved.image_resize()))
+    datasets, samplers = [], []
+    for k, (source, member) in enumerate(zip(sources, members)):
+        deltas = {member.original(key): v for key, v in resolved.delta_timestamps(member.meta.fps).items()}
+        datasets.append(open_dataset(source, member.meta, deltas, device=device))
+        samplers.append(_episode_sampler(datasets[-1], sampler_cfg, policy_cfg, seed, member=k))
+    dataset = MixtureDataset(datasets, members, meta)
+    return dataset, MixtureSampler(samplers, weights, dataset.offsets, seed=seed, shuffle=sampler_cfg.shuffle)
 
 
 def _episode_sampler(dataset, sampler_cfg, policy_cfg, seed: int, member: int | None = None):

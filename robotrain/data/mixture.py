@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -358,26 +357,3 @@ def _stitch(values: list[Any], order: np.ndarray | None) -> Any:
         return joined if order is None else joined.index_select(0, torch.from_numpy(order))
     flat = [v for part in values for v in part]
     return flat if order is None else [flat[i] for i in order]
-
-def open_mixture(cfg, roots: Sequence[Path], policy_cfg, device, member_sampler, seed: int, shuffle: bool):
-    """(MixtureDataset, MixtureSampler) of `cfg`'s members (or of its one dataset, renamed), read
-    as `policy_cfg` needs; `member_sampler(dataset, k)` makes member `k`'s episode-aware order."""
-    from robotrain import policies
-    from robotrain.data import load_meta, open_dataset
-
-    sources = [cfg.member(k) for k in range(len(cfg.datasets))] if cfg.is_mixture else [cfg]
-    weights = [m.weight for m in cfg.datasets] if cfg.is_mixture else [1.0]
-    members = []
-    for k, (source, root) in enumerate(zip(sources, roots)):
-        name = f"dataset.datasets[{k}] ({source.repo_id})" if cfg.is_mixture else f"dataset {source.repo_id}"
-        members.append(Member.of(name, load_meta(root, source.repo_id), source.rename_map or {}))
-    resolved = policies.with_dataset_features(policy_cfg, members[0].features)
-    needed = [*resolved.input_features, *resolved.output_features]
-    meta = mixture_meta(members, common_features(members, needed, resolved.image_resize()))
-    datasets, samplers = [], []
-    for k, (source, member) in enumerate(zip(sources, members)):
-        deltas = {member.original(key): v for key, v in resolved.delta_timestamps(member.meta.fps).items()}
-        datasets.append(open_dataset(source, member.meta, deltas, device=device))
-        samplers.append(member_sampler(datasets[-1], k))
-    dataset = MixtureDataset(datasets, members, meta)
-    return dataset, MixtureSampler(samplers, weights, dataset.offsets, seed=seed, shuffle=shuffle)
