@@ -269,6 +269,20 @@ class CheckpointManager:
         return self.last if self.world.is_main else None
 
 
+    def save_weights(self, folder: Path) -> Path | None:
+        """Write the model part alone (`<folder>/pretrained_model/`, every process calls it), for
+        weights no checkpoint holds: the untrained policy a run evaluates before its first step.
+        Returns `folder` on the main process, None on the others."""
+        part = self.parts["model"]
+        state = part.state_dict()  # gathered from every process's shard under FSDP
+        if self.world.is_main:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            part.write(folder, state)
+        self.world.barrier()
+        return folder if self.world.is_main else None
+
+
 # -- the step folder on disk ------------------------------------------------------------
 
 

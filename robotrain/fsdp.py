@@ -158,21 +158,3 @@ def _first_failure(err: CheckpointException) -> str:
     """The first failing rank's exception, on one line (DCP's own message holds every traceback)."""
     first = next((exc for exc, _trace in err.failures.values()), err)
     return (" ".join(str(first).split()) or type(first).__name__)[:200]
-
-
-def unsharded_copy(model: nn.Module, full: dict[str, torch.Tensor]) -> nn.Module:
-    """A plain (unsharded) copy of a sharded policy with the gathered weights `full`, for work
-    that only the main process does (simulator evaluation): a sharded forward would need
-    every process to join its all-gathers."""
-    import copy
-
-    from robotrain import peft
-
-    base = model.get_base_model() if peft.is_adapted(model) else model
-    fresh = type(base)(base.config, base.stats)
-    if peft.is_adapted(model):
-        from peft import get_peft_model
-
-        fresh = get_peft_model(fresh, copy.deepcopy(model.peft_config["default"]))
-    fresh.load_state_dict(full, strict=True)
-    return fresh

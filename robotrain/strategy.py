@@ -4,8 +4,8 @@ it) or `Sharded` (FSDP2: parameters, gradients and optimizer state split over th
 The training loop holds one `Strategy` (`make(cfg.distributed.strategy)`) and asks it at the
 points where the two differ: before the optimizer exists (`prepare`), after it and any resume
 (`wrap`), whether a micro-batch's gradients are reduced (`syncing`, gradient accumulation),
-what a checkpoint holds of the model and optimizer (`checkpoint_parts`) and when the main
-process evaluates alone (`evaluation_model`). A strategy joins by subclassing and registering
+and what a checkpoint holds of the model and optimizer (`checkpoint_parts`; evaluations read
+checkpoints, in a process of their own). A strategy joins by subclassing and registering
 in `STRATEGIES`; `distributed.strategy` accepts its name and the test matrix runs it.
 """
 
@@ -46,10 +46,6 @@ class Strategy:
         `published`: see `robotrain.model_state.ModelWeights`."""
         raise NotImplementedError
 
-    def evaluation_model(self, model, is_main: bool):
-        """The model the main process evaluates alone (None on the others); every process calls it."""
-        raise NotImplementedError
-
 
 class Replicated(Strategy):
     """One process, or DDP through accelerate: every process holds the whole model. A sharded
@@ -71,9 +67,6 @@ class Replicated(Strategy):
 
         return {"model": ModelWeights(model, train_config, published=published),
                 "optimizer": WholeOptimizer(model, optimizer)}
-
-    def evaluation_model(self, model, is_main: bool):
-        return model if is_main else None
 
 
 class Sharded(Strategy):
@@ -105,12 +98,6 @@ class Sharded(Strategy):
         return {"model": ModelWeights(model, train_config, gather=fsdp.full_state_dict, loads=False,
                                       published=published),
                 "optimizer": ShardedState(model, optimizer)}
-
-    def evaluation_model(self, model, is_main: bool):
-        from robotrain import fsdp
-
-        full = fsdp.full_state_dict(model)  # every process gathers; the main one evaluates a copy
-        return fsdp.unsharded_copy(model, full) if is_main else None
 
 
 #: `distributed.strategy` values.

@@ -4,19 +4,20 @@
     open the dataset (prepared once by the main process)
     build the policy, optimizer and schedule
     register what a checkpoint holds (robotrain.checkpoint) and, when resuming, restore all of it
-    loop: batch -> loss -> backward -> clip -> step -> log -> [eval] -> [checkpoint -> push]
-    evaluate, push the final model, wait (bounded) for uploads
+    [evaluate the untrained weights]
+    loop: batch -> loss -> backward -> clip -> step -> log -> [checkpoint -> push] -> [evaluate it]
+    evaluate the last checkpoint, push the final model, wait (bounded) for evaluations and uploads
 
 Each optimizer step consumes one global batch of consecutive sampler positions
 (`robotrain.data.sampler.DataPosition`), so a resumed run continues the exact sequence of
 batches. SIGTERM/SIGUSR2 stop the loop
 at the next step boundary with a checkpoint (see `robotrain.preemption`). Checkpoint uploads run in the background
-(`robotrain.hub.CheckpointPusher`): the loop never waits for the network.
+(`robotrain.hub.CheckpointPusher`): the loop never waits for the network. Evaluations roll a
+checkpoint out in a worker process (`robotrain.eval.background`): no process waits for them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -126,11 +127,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     step = position.step
     result = RunResult(run_dir=run_dir, step=step, num_processes=accelerator.num_processes,
                        is_main=accelerator.is_main_process)
-    out = _Outputs.open(cfg, run_dir, tracker_run, accelerator, parallel, result, step, model,
-                        position.global_batch_size, _published(cfg, ema))
+    out = _Outputs.open(cfg, run_dir, tracker_run, accelerator, result, step, model, position.global_batch_size)
     saver = _Saver(cfg, checkpoints, pusher)
-    if resume is None and cfg.eval.at_start:
-        out.evaluator.run(policy, step, label="untrained")
+    if resume is None and cfg.eval.at_start and out.evaluator.enabled:
+        out.evaluator.start(step, checkpoints.save_weights(run_dir / "eval" / "untrained"), label="untrained")
     elif resume is not None:
         out.evaluator.resume(step)  # evaluations a kill interrupted start again
 
@@ -142,11 +142,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     try:
         step = result.step = _steps(training, stream, out, saver, step)
         if result.preempted_by is None:
-            if out.evaluator.in_background:
-                out.evaluator.start(step, saver.last, label="trained")
-                out.evaluator.finish()
-            else:
-                out.evaluator.run(policy, step, label="trained")
+            out.evaluator.start(step, saver.last, label="trained")
+            out.evaluator.finish()
             saver.push_final(result)
     finally:
         if hasattr(stream, "close"):
@@ -170,15 +167,13 @@ def _steps(training: "_Training", stream, out: "_Outputs", saver: "_Saver", step
             out.samples(step, micro_batches)
             out.window.add(loss, grad_norm, t1 - t0, time.perf_counter() - t0)
             out.report(step, training.scheduler.get_last_lr()[0])
-            eval_due = cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps
-            if eval_due and not out.evaluator.in_background:
-                out.evaluator.run(training.policy, step)
+            # An evaluation reads a checkpoint of its step, in a process of its own.
+            eval_due = out.evaluator.enabled and cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.steps
             # Every process must stop at the same step, whichever the signal reached first.
             stop = distributed.any_process(training.accelerator, preemption.requested)
-            in_background = eval_due and out.evaluator.in_background  # evaluates a checkpoint of this step
-            if _checkpoint_due(cfg, step) or stop or in_background:
+            if _checkpoint_due(cfg, step) or stop or eval_due:
                 result.last_checkpoint = saver.save(step, out.evaluator.in_use())
-            if in_background:
+            if eval_due:
                 out.evaluator.start(step, result.last_checkpoint)
             out.evaluator.poll()
             if stop:
@@ -254,13 +249,12 @@ class _Outputs:
     """A mixture's per-member losses, logged with the window's metrics."""
 
     @classmethod
-    def open(cls, cfg, run_dir, tracker_run, accelerator, parallel, result, step, model,
-             global_batch_size, published=None) -> "_Outputs":
+    def open(cls, cfg, run_dir, tracker_run, accelerator, result, step, model, global_batch_size) -> "_Outputs":
         main = accelerator.is_main_process
         metrics_log = MetricsLog(run_dir / "metrics.jsonl" if main else None)
         progress = Progress(cfg.steps, step, cfg.log_every, enabled=main)
         tracker = tracking.start(cfg, run_dir, tracker_run, step, model, main)
-        evaluator = _Evaluator(cfg, accelerator, parallel, result, metrics_log, progress, tracker, run_dir, published)
+        evaluator = _Evaluator(cfg, accelerator, result, metrics_log, progress, tracker, run_dir)
         samples = _SampleLog(run_dir, accelerator.process_index) if cfg.log_samples else None
         members = MemberLosses(len(cfg.dataset.datasets)) if cfg.dataset.is_mixture else None
         return cls(cfg, accelerator, result, global_batch_size, metrics_log, progress, tracker, evaluator, samples,
@@ -461,50 +455,26 @@ class _Window:
 
 
 class _Evaluator:
-    """Evaluations of the policy in `env`. The embedded task (env=synthetic, synthetic dataset
-    only) is evaluated here, on the main process, its first episodes saved as
-    `<run_dir>/eval/step_<n>.gif`; a gymnasium env (pusht, aloha...) evaluates a checkpoint in a
-    worker process beside training (robotrain.eval.background) and its results are logged at
-    their step when they arrive."""
+    """Evaluations of the policy in `env`, each of a checkpoint (or, before the first step, of the
+    untrained weights), in a worker process beside training (robotrain.eval.background): no
+    process waits for them. Their results are logged at their step when they arrive; the
+    embedded task's first episodes are saved as `<run_dir>/eval/step_<n>.gif` and logged to the
+    tracker. Evaluation needs a gymnasium env, or the synthetic dataset for the embedded task."""
 
-    def __init__(self, cfg: TrainConfig, accelerator, parallel, result: RunResult, metrics_log, progress, tracker,
-                 run_dir, published=None):
-        """`published`: a context in which the model holds the weights to evaluate (EMA), or None."""
-        self.cfg, self.accelerator, self.parallel, self.result = cfg, accelerator, parallel, result
-        self.published = published or contextlib.nullcontext
-        self.metrics_log, self.progress, self.tracker, self.videos = metrics_log, progress, tracker, run_dir / "eval"
-        self.in_background = cfg.eval.enabled and cfg.env.gym_id is not None
-        self.enabled = cfg.eval.enabled and (cfg.dataset.is_synthetic or self.in_background)
+    def __init__(self, cfg: TrainConfig, accelerator, result: RunResult, metrics_log, progress, tracker, run_dir):
+        self.cfg, self.result = cfg, result
+        self.metrics_log, self.progress, self.tracker = metrics_log, progress, tracker
+        self.enabled = cfg.eval.enabled and (cfg.env.gym_id is not None or cfg.dataset.is_synthetic)
         self.background, self.labels = None, {}  # labels: step -> "trained"... for the log line
-        if self.in_background and accelerator.is_main_process:
+        if self.enabled and accelerator.is_main_process:
             from robotrain.eval.background import BackgroundEvaluations
 
-            self.background = BackgroundEvaluations(cfg.env, cfg.eval, self.videos)
-
-    def run(self, policy, step: int, label: str = "") -> None:
-        """Evaluate the embedded task now (every process calls this; a gymnasium env: nothing)."""
-        if not self.enabled or self.in_background:
-            return
-        # Every process enters: a sharded model is gathered inside (the main process evaluates a copy).
-        with self.published():
-            model = self.parallel.evaluation_model(self.accelerator.unwrap_model(policy),
-                                                   self.accelerator.is_main_process)
-            if model is None:
-                return
-            from robotrain.eval.synthetic import evaluate
-
-            outcome = evaluate(
-                model, episodes=self.cfg.eval.episodes,
-                max_steps=self.cfg.eval.max_steps, seed=self.cfg.eval.seed,
-                image_size=self.cfg.dataset.synthetic.image_size, record=self.cfg.eval.video_episodes,
-                render_size=self.cfg.eval.video_size,
-            )
-        if outcome.frames is not None:
-            self.tracker.log_video(step, "eval/video", outcome.save_video(self.videos / f"step_{step:06d}.gif"))
-        self._log(step, outcome.as_metrics(), label, outcome.episodes)
+            self.background = BackgroundEvaluations(cfg.env, cfg.eval, run_dir / "eval",
+                                                    cfg.dataset.synthetic.image_size)
 
     def start(self, step: int, checkpoint: Path | None, label: str = "") -> None:
-        """Evaluate `checkpoint`, saved at `step`, in the background (main process)."""
+        """Evaluate `checkpoint` (a folder holding pretrained_model/), saved at `step`, in the
+        background (main process; the others pass None)."""
         self.labels[step] = label
         if self.background is not None and checkpoint is not None:
             self.background.start(step, checkpoint)
@@ -520,28 +490,27 @@ class _Evaluator:
     def poll(self) -> None:
         """Log the background evaluations that finished."""
         if self.background is not None:
-            for step, metrics in self.background.poll():
-                self._logged(step, metrics)
+            for finished in self.background.poll():
+                self._logged(*finished)
 
     def finish(self) -> None:
         """Wait (at most eval.timeout_s) for the background evaluations and log them."""
         if self.background is not None:
-            for step, metrics in self.background.wait(self.cfg.eval.timeout_s):
-                self._logged(step, metrics)
+            for finished in self.background.wait(self.cfg.eval.timeout_s):
+                self._logged(*finished)
 
     def close(self) -> None:
         if self.background is not None:
             self.background.close()
 
-    def _logged(self, step: int, metrics: dict[str, float]) -> None:
-        self._log(step, metrics, self.labels.get(step, ""), self.cfg.eval.episodes)
-        self.background.logged(step)
-
-    def _log(self, step: int, metrics: dict[str, float], label: str, episodes: int) -> None:
+    def _logged(self, step: int, metrics: dict[str, float], video: Path | None) -> None:
         self.result.evals[step] = metrics
         self.metrics_log.write(step, metrics)
         self.tracker.log(step, metrics)
-        name = f" ({label})" if label else ""
+        if video is not None:
+            self.tracker.log_video(step, "eval/video", video)
+        self.background.logged(step)
+        label = f" ({self.labels[step]})" if self.labels.get(step) else ""
         where = "" if self.cfg.env.gym_id is None else f" in env={self.cfg.env.name}"
-        self.progress.write(f"eval at step {step}{name}{where}: success rate {metrics['eval/success_rate']:.2f} "
-                            f"over {episodes} episodes")
+        self.progress.write(f"eval at step {step}{label}{where}: success rate {metrics['eval/success_rate']:.2f} "
+                            f"over {self.cfg.eval.episodes} episodes")

@@ -52,19 +52,20 @@ def test_evaluations_run_beside_training_and_land_at_their_step(pusht_run, tmp_p
     done = cli.run(*args, "steps=30", "eval.every=10", "eval.episodes=2", "env.max_steps=100",
                    f"distributed.processes={processes}", f"hydra.run.dir={tmp_path}", timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_evaluated_beside_training(tmp_path, [10, 20, 30])
+    assert_evaluated_beside_training(tmp_path, [0, 10, 20, 30])  # 0: the untrained weights (eval.at_start)
     for step in (10, 20, 30):
         info = json.loads((tmp_path / "eval" / f"step_{step:06d}" / "eval_info.json").read_text())
         assert info["overall"]["n_episodes"] == 2 and [e["seed"] for e in info["per_episode"]] == [1000, 1001]
     result = json.loads((tmp_path / "result.json").read_text())
-    assert set(result["evals"]) == {"10", "20", "30"} and result["return_value"] == 0.0
+    assert set(result["evals"]) == {"0", "10", "20", "30"} and result["return_value"] == 0.0
+    assert (tmp_path / "eval" / "untrained" / "pretrained_model" / "model.safetensors").is_file()
     assert "eval at step 30 (trained) in env=pusht" in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize("processes", [2])
 def test_a_run_killed_with_an_evaluation_in_flight_evaluates_that_step_on_resume(pusht_run, tmp_path, processes):
     cli, args = pusht_run
-    run = [*args, "steps=30", "eval.every=10", "eval.episodes=2", "env.max_steps=300",
+    run = [*args, "steps=30", "eval.every=10", "eval.episodes=2", "env.max_steps=300", "eval.at_start=false",
            f"distributed.processes={processes}", f"hydra.run.dir={tmp_path}"]
     first = cli.popen(*run)
     spec = tmp_path / "eval" / "step_000010" / "spec.json"

@@ -6,6 +6,7 @@ SmolVLA and a LeRobot dataset from tests/data."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ def example_blocks() -> list[list[str]]:
     text = (REPO_ROOT / "README.md").read_text()
     examples = text.split("## Examples", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", examples, re.S)
-    return [[line.strip() for line in block.splitlines() if line.strip()] for block in blocks]
+    # A command continued over lines with a backslash is one command.
+    return [[line.strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()] for block in blocks]
 
 
 BLOCKS = example_blocks()
@@ -34,7 +36,7 @@ def test_the_readme_has_examples_for_every_feature():
     for feature in ("peft=lora", "job=slurm", "job=hf", "resume=hub:", "hub.push_checkpoints=true",
                     "dataset=hub", "distributed.processes=2", "torchrun", "tracker=", "dataset.synthetic.video=true",
                     "dataset.root=/path/to/so101_pick", "precision=bf16", "grad_accum_steps=", "ema.enabled=true",
-                    "dataset.image_transforms.enable=true"):
+                    "dataset.image_transforms.enable=true", "dataset=mixture", "dataset.rename_map="):
         assert feature in commands, feature
 
 
@@ -47,7 +49,8 @@ class StandIns:
 
     def argv(self, command: str, index: int) -> list[str]:
         command = command.replace("you/reach-mlp", self.repo).replace("@1000", "@2")
-        words = command.split()
+        command = command.replace("root: /data/place", f"root: {VIDEO_DATASET}")  # a mixture's local member
+        words = shlex.split(command)
         if words[0] == "torchrun":  # run as the module, from this interpreter
             words = ["-m", "torch.distributed.run", *words[1:]]
         else:
@@ -107,6 +110,8 @@ def test_readme_example_runs(block, request, cli, hub, tmp_path):
     cli.env["ROBOTRAIN_CACHE"] = str(tmp_path / "cache")
     if any("dataset=hub" in c for c in block):
         _upload_dataset(hub, "lerobot/my_dataset")
+    if any("dataset=mixture" in c for c in block):  # its Hub member; the other is on disk
+        _upload_dataset(hub, "user/so101_pick", VIDEO_DATASET)
     stand_ins = StandIns(tmp_path, hub, smolvla)
     for index, command in enumerate(block):
         argv = stand_ins.argv(command, index)
@@ -122,10 +127,10 @@ def _run_module(cli, argv: list[str]):
                           timeout=600)
 
 
-def _upload_dataset(hub, repo: str) -> None:
+def _upload_dataset(hub, repo: str, folder: Path = TINY_DATASET) -> None:
     hub.run_python(f"""
         from huggingface_hub import HfApi
         api = HfApi()
         api.create_repo({repo!r}, repo_type="dataset", exist_ok=True)
-        api.upload_folder(repo_id={repo!r}, repo_type="dataset", folder_path={str(TINY_DATASET)!r})
+        api.upload_folder(repo_id={repo!r}, repo_type="dataset", folder_path={str(folder)!r})
     """)

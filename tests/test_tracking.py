@@ -243,7 +243,7 @@ def test_no_tracker_by_default_leaves_no_tracker_files(plain_run):
 def test_eval_saves_a_multi_frame_gif_a_person_can_see(plain_run):
     from PIL import Image, ImageSequence
 
-    assert sorted(p.name for p in (plain_run / "eval").iterdir()) == ["step_000000.gif", "step_000010.gif"]
+    assert sorted(p.name for p in (plain_run / "eval").glob("*.gif")) == ["step_000000.gif", "step_000010.gif"]
     with Image.open(plain_run / "eval" / "step_000010.gif") as gif:
         assert gif.format == "GIF" and gif.n_frames > 1 and gif.info["loop"] == 0
         frames = [frame.convert("RGB") for frame in ImageSequence.Iterator(gif)]

@@ -1,12 +1,15 @@
-"""Evaluations in a gymnasium env that run beside training, in a process of their own.
+"""Evaluations that run beside training, in a process of their own.
 
 At an evaluation step the run saves a checkpoint (every process takes part, briefly, as in any
-save), and the main process starts `python -m robotrain.eval.worker` on that checkpoint's
-`pretrained_model/`, then goes on training: no process waits for the rollouts. The worker
-writes `<run_dir>/eval/step_<n>/eval_info.json` (robotrain.eval's layout) and its videos there.
-After every step the main process picks up finished evaluations and logs their metrics at the
-step they belong to (`eval/pc_success`...) in metrics.jsonl and the tracker; at the end of the
-run it waits for the last ones, at most `eval.timeout_s`.
+save; before the first step, the untrained weights alone), and the main process starts
+`python -m robotrain.eval.worker` on its `pretrained_model/`, then goes on training: no process
+waits for the rollouts. In a gymnasium env (pusht, aloha...) the worker writes
+`<run_dir>/eval/step_<n>/eval_info.json` (robotrain.eval's layout) and its MP4 videos there; in
+the embedded task (env=synthetic) it runs `robotrain.eval.synthetic.evaluate` and saves the
+first episodes as `<run_dir>/eval/step_<n>.gif`. Either way it ends with `step_<n>/result.json`:
+the metrics to log and the video for the tracker. After every step the main process picks up
+finished evaluations and logs them at the step they belong to in metrics.jsonl and the
+tracker; at the end of the run it waits for the last ones, at most `eval.timeout_s`.
 
 Everything an evaluation needs is in `step_<n>/spec.json`, so a run resumed after a kill
 starts again the evaluations that had not finished (a worker dies with its trainer), and logs
@@ -32,7 +35,7 @@ from robotrain.config import EnvConfig, EvalConfig
 
 log = logging.getLogger("robotrain")
 
-SPEC, INFO, LOGGED, WORKER_LOG = "spec.json", "eval_info.json", "logged", "worker.log"
+SPEC, INFO, RESULT, LOGGED, WORKER_LOG = "spec.json", "eval_info.json", "result.json", "logged", "worker.log"
 
 
 def metrics(info: dict) -> dict[str, float]:
@@ -47,25 +50,29 @@ def metrics(info: dict) -> dict[str, float]:
 class BackgroundEvaluations:
     """The evaluation workers of one run (main process only)."""
 
-    def __init__(self, env: EnvConfig, eval_cfg: EvalConfig, folder: Path):
-        self.env, self.eval_cfg, self.folder = env, eval_cfg, Path(folder)
+    def __init__(self, env: EnvConfig, eval_cfg: EvalConfig, folder: Path, image_size: int):
+        """`image_size`: the embedded task's camera size (dataset.synthetic.image_size)."""
+        self.env, self.eval_cfg, self.folder, self.image_size = env, eval_cfg, Path(folder), image_size
         self.running: dict[int, tuple[subprocess.Popen, str]] = {}  # step -> (worker, checkpoint name)
 
     def start(self, step: int, checkpoint: Path) -> None:
-        """Evaluate `checkpoint` (the step folder of `step`) in a new worker."""
+        """Evaluate `checkpoint` (the step folder of `step`, or any folder holding a
+        pretrained_model/) in a new worker."""
         out = self._out(step)
         out.mkdir(parents=True, exist_ok=True)
         spec = {"step": step, "policy": str(checkpoint / "pretrained_model"), "checkpoint": checkpoint.name,
                 "env": dataclasses.asdict(self.env), "episodes": self.eval_cfg.episodes,
                 "batch_size": self.eval_cfg.batch_size, "seed": self.eval_cfg.seed,
                 "rename_map": dict(self.eval_cfg.rename_map or {}), "record": self.eval_cfg.video_episodes,
-                "threads": self.eval_cfg.num_threads}
+                "threads": self.eval_cfg.num_threads, "embedded": self.env.gym_id is None,
+                "max_steps": self.eval_cfg.max_steps, "image_size": self.image_size,
+                "video_size": self.eval_cfg.video_size, "gif": str(self.folder / f"step_{step:06d}.gif")}
         (out / SPEC).write_text(json.dumps(spec, indent=2))
         self._launch(step, spec)
 
     def _launch(self, step: int, spec: dict) -> None:
         out = self._out(step)
-        for stale in (out / INFO, out / LOGGED):
+        for stale in (out / INFO, out / RESULT, out / LOGGED):
             stale.unlink(missing_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
         with open(out / WORKER_LOG, "a") as worker_log:
@@ -83,7 +90,7 @@ class BackgroundEvaluations:
             out = spec_path.parent
             if spec["step"] > up_to_step or (out / LOGGED).exists() or spec["step"] in self.running:
                 continue
-            if (out / INFO).exists():
+            if (out / RESULT).exists():
                 self.running[spec["step"]] = (None, spec["checkpoint"])  # finished before the kill
             elif Path(spec["policy"]).is_dir():
                 self._launch(spec["step"], spec)
@@ -94,25 +101,27 @@ class BackgroundEvaluations:
         """Checkpoint folder names that running evaluations read (not to be pruned)."""
         return frozenset(name for worker, name in self.running.values() if worker is not None)
 
-    def poll(self) -> list[tuple[int, dict[str, float]]]:
-        """(step, metrics) of the evaluations that finished since the last call."""
+    def poll(self) -> list[tuple[int, dict[str, float], Path | None]]:
+        """(step, metrics, video for the tracker or None) of the evaluations that finished since
+        the last call."""
         finished = []
         for step, (worker, _) in sorted(self.running.items()):
             if worker is not None and worker.poll() is None:
                 continue
             del self.running[step]
             out = self._out(step)
-            if worker is not None and worker.returncode != 0 or not (out / INFO).exists():
+            if worker is not None and worker.returncode != 0 or not (out / RESULT).exists():
                 log.warning("the evaluation of step %d failed (exit %s); see %s", step,
                             worker.returncode if worker is not None else "?", out / WORKER_LOG)
                 continue
-            finished.append((step, metrics(json.loads((out / INFO).read_text()))))
+            result = json.loads((out / RESULT).read_text())
+            finished.append((step, result["metrics"], Path(result["video"]) if result["video"] else None))
         return finished
 
     def logged(self, step: int) -> None:
         (self._out(step) / LOGGED).touch()
 
-    def wait(self, timeout_s: float) -> list[tuple[int, dict[str, float]]]:
+    def wait(self, timeout_s: float) -> list[tuple[int, dict[str, float], Path | None]]:
         """Wait for every running evaluation, at most `timeout_s` in all; stop the rest."""
         deadline = time.monotonic() + timeout_s
         for worker, _ in list(self.running.values()):
