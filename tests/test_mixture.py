@@ -259,7 +259,7 @@ def two_process_mixture(module_cli, members, tmp_path_factory) -> Path:
     return run_dir
 
 
-def test_a_mixture_trains_on_two_processes_logging_members_and_their_losses(two_process_mixture):
+def test_a_mixture_trains_on_two_processes_logging_members_and_their_losses(two_process_mixture, members):
     batches = global_batches(two_process_mixture, 2)
     drawn = Counter(member for batch in batches.values() for member, _ in batch)
     assert sorted(batches) == list(range(1, 9)) and sum(drawn.values()) == 48 and set(drawn) == {0, 1, 2}
@@ -270,6 +270,16 @@ def test_a_mixture_trains_on_two_processes_logging_members_and_their_losses(two_
                          "train_config.json").read_text())
     assert [(m["repo_id"], m["weight"]) for m in config["dataset"]["datasets"]] == \
         [("test/member0", 2.0), ("test/member1", 1.0), ("test/member2", 1.0)]
+    # The normalization stats the processor files hold are the members' aggregate.
+    from robotrain.data import load_meta
+    from robotrain.data.statistics import aggregate_stats
+    from robotrain.policies.base import read_processor_stats
+
+    saved = read_processor_stats(two_process_mixture / "checkpoints" / "000008" / "pretrained_model")
+    expected = aggregate_stats([load_meta(root).stats for root in members])
+    for key in ("observation.state", "action"):
+        np.testing.assert_allclose(saved[key]["mean"].numpy(), expected[key]["mean"], rtol=1e-6)
+        np.testing.assert_allclose(saved[key]["std"].numpy(), expected[key]["std"], rtol=1e-6)
 
 
 def test_a_mixture_resumes_bit_exact_on_two_processes(module_cli, members, two_process_mixture, tmp_path):
