@@ -206,6 +206,7 @@ def test_cli_checkpoint_is_the_folder_lerobot_writes(trained):
 
 def test_loss_is_masked_l1_plus_weighted_kl_and_ignores_padded_targets():
     policy = make_act(dropout=0.0)
+    policy.reports_per_sample_loss = True  # as a mixture's training turns it on
     batch = {**observation(4), "action": torch.randn(4, 10, 2), "action_is_pad": torch.zeros(4, 10, dtype=torch.bool)}
     batch["action_is_pad"][:, 7:] = True
     torch.manual_seed(0)

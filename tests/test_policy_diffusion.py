@@ -272,6 +272,7 @@ def test_masked_loss_ignores_padded_targets(dataset):
     """With do_mask_loss_for_padding, padded steps add nothing (seen through a U-Net that
     predicts zeros, so that the loss is the mean squared target over the unpadded steps)."""
     policy = make_policy(dataset, do_mask_loss_for_padding=True, prediction_type="sample")
+    policy.reports_per_sample_loss = True  # as a mixture's training turns it on
     policy.diffusion.unet.forward = lambda x, timestep, global_cond=None: torch.zeros_like(x)
     _, ends = dataset.episode_bounds
     batch = dataset.get_batch([int(i) - 1 for i in ends])  # last frames: padded chunks

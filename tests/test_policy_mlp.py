@@ -66,6 +66,7 @@ def test_select_action_replays_n_action_steps_of_each_chunk(dataset):
 
 def test_loss_ignores_padded_targets(dataset):
     policy = make_policy(dataset)
+    policy.reports_per_sample_loss = True  # as a mixture's training turns it on
     _, ends = dataset.episode_bounds
     batch = torch.utils.data.default_collate([dataset[int(i) - 1] for i in ends])  # last frames: padded chunks
     assert batch["action_is_pad"].any()

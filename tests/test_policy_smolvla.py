@@ -174,6 +174,7 @@ def test_language_changes_the_actions(policy):
 
 def test_loss_ignores_padded_targets(dataset, tiny_vlm):
     policy = make_policy(dataset, tiny_vlm)
+    policy.reports_per_sample_loss = True  # as a mixture's training turns it on
     _, ends = dataset.episode_bounds
     batch = torch.utils.data.default_collate([dataset[int(i) - 1] for i in ends])  # last frames: padded chunks
     assert batch["action_is_pad"].any()

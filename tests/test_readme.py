@@ -15,7 +15,7 @@ from tests.conftest import REPO_ROOT
 
 #: What every example gets, replacing the README's own values for these keys.
 SHRINK = {"steps": "4", "batch_size": "8", "dataset.synthetic.num_episodes": "20", "eval.episodes": "4",
-          "log_every": "2", "checkpoint.every": "2", "scheduler.warmup_steps": "1"}
+          "eval.at_start": "false", "log_every": "2", "checkpoint.every": "2", "scheduler.warmup_steps": "1"}
 TINY_DATASET = REPO_ROOT / "tests" / "data" / "lerobot_v3_tiny"
 VIDEO_DATASET = REPO_ROOT / "tests" / "data" / "lerobot_v3_video"  # cameras as AV1 MP4, written by LeRobot
 

@@ -21,7 +21,8 @@ def main(spec_path: Path) -> None:
     out = spec_path.parent
     device = "cuda" if torch.cuda.is_available() else "cpu"
     policy = pretrained.load(spec["policy"]).to(device).eval()
-    metrics, video = (_embedded if spec["embedded"] else _gymnasium)(policy, spec, out)
+    # A spec without "embedded" was written when only gymnasium envs were evaluated here.
+    metrics, video = (_embedded if spec.get("embedded") else _gymnasium)(policy, spec, out)
     # Written last and whole: the trainer takes an evaluation as finished when this file is there.
     atomic_write_text(out / "result.json", json.dumps({"metrics": metrics, "video": video}, indent=2))
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from robotrain import global_batch
 from robotrain.errors import UserError
-from robotrain.policies.base import PER_SAMPLE_LOSS, Policy, PolicyConfig, per_sample_mean
+from robotrain.policies.base import PER_SAMPLE_LOSS, Policy, PolicyConfig
 from robotrain.policies.resnet import ResNet18
 
 #: torchvision weight enums that `pretrained_backbone_weights` accepts -> their download URL.
@@ -149,15 +149,16 @@ class ACTPolicy(Policy):
         valid = ~batch["action_is_pad"].unsqueeze(-1)
         l1_entries = F.l1_loss(batch["action"], actions_hat, reduction="none") * valid
         l1_loss = l1_entries.mean()
-        per_sample = per_sample_mean(l1_entries)  # as the loss: padded entries count as zeros
-        metrics = {"l1_loss": l1_loss.detach(), PER_SAMPLE_LOSS: per_sample}
+        # As the loss: padded entries count as zeros.
+        metrics = {"l1_loss": l1_loss.detach(), **self._per_sample_loss(l1_entries)}
         if mu is None:  # no VAE, or evaluated in eval mode (the latent is then zero)
             return l1_loss, metrics
         # KL(N(mu, sigma^2) || N(0, 1)) summed over the latent, averaged over the batch.
         kld_per_sample = (-0.5 * (1 + log_sigma_x2 - mu.pow(2) - log_sigma_x2.exp())).sum(-1)
         kld = kld_per_sample.mean()
         metrics["kld_loss"] = kld.detach()
-        metrics[PER_SAMPLE_LOSS] = per_sample + self.config.kl_weight * kld_per_sample.detach()
+        if PER_SAMPLE_LOSS in metrics:
+            metrics[PER_SAMPLE_LOSS] = metrics[PER_SAMPLE_LOSS] + self.config.kl_weight * kld_per_sample.detach()
         return l1_loss + self.config.kl_weight * kld, metrics
 
     def predict_chunk(self, batch: dict[str, Tensor]) -> Tensor:

@@ -130,8 +130,9 @@ def resize_with_pad(img: torch.Tensor, width: int, height: int, pad_value: float
     return F.pad(img, (pad_width, 0, pad_height, 0), value=pad_value)
 
 
-#: The metrics entry in which a policy's forward reports each sample's loss, (B,) detached: the
-#: training loop averages it per mixture member (`member_loss/<k>` in metrics.jsonl).
+#: The metrics entry in which a policy's forward reports each sample's loss, (B,) detached, when
+#: `Policy.reports_per_sample_loss`: the training loop averages it per mixture member
+#: (`member_loss/<k>` in metrics.jsonl).
 PER_SAMPLE_LOSS = "per_sample_loss"
 
 
@@ -234,7 +235,15 @@ class Policy(nn.Module):
         self._queue: deque[torch.Tensor] = deque()
         self._stats_bytes: bytes | None = None
 
+    #: Report each sample's loss in the forward's metrics (`PER_SAMPLE_LOSS`): the training loop
+    #: turns it on for a mixture of datasets (per-member losses); off, it costs nothing.
+    reports_per_sample_loss: bool = False
+
     # -- training ---------------------------------------------------------------------
+    def _per_sample_loss(self, values: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """{PER_SAMPLE_LOSS: each sample's mean of `values` over `valid`} when reported, else {}."""
+        return {PER_SAMPLE_LOSS: per_sample_mean(values, valid)} if self.reports_per_sample_loss else {}
+
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(loss, metrics): metrics are detached tensors, 0-d but for `PER_SAMPLE_LOSS` (B,), so
         reading them is the caller's sync."""

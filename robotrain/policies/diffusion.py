@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from robotrain import global_batch
 from robotrain.errors import UserError
-from robotrain.policies.base import PER_SAMPLE_LOSS, Policy, PolicyConfig, per_sample_mean
+from robotrain.policies.base import Policy, PolicyConfig
 from robotrain.policies.resnet import ResNet18
 
 log = logging.getLogger("robotrain")
@@ -612,7 +612,7 @@ class DiffusionPolicy(Policy):
                             f"{self.config.horizon} actions per sample, got {n_obs} and {horizon}; build the dataset "
                             "with the policy's delta_timestamps")
         loss = self.diffusion.compute_loss(batch)
-        return loss.mean(), {PER_SAMPLE_LOSS: per_sample_mean(loss)}
+        return loss.mean(), self._per_sample_loss(loss)
 
     def predict_chunk(self, batch: dict[str, Tensor]) -> Tensor:
         """Normalized actions (B, n_action_steps, A) from the current frame on. Observations

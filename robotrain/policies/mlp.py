@@ -16,7 +16,7 @@ from torch import nn
 
 from robotrain import global_batch
 from robotrain.errors import UserError
-from robotrain.policies.base import PER_SAMPLE_LOSS, Policy, PolicyConfig, per_sample_mean
+from robotrain.policies.base import Policy, PolicyConfig
 
 
 @dataclass
@@ -80,4 +80,4 @@ class MLPPolicy(Policy):
         per_elem = loss_fn(pred, target, reduction="none")
         # Targets past the episode end are padding copies of the last frame: ignore them.
         valid = ~batch["action_is_pad"].unsqueeze(-1)
-        return global_batch.masked_mean(per_elem, valid), {PER_SAMPLE_LOSS: per_sample_mean(per_elem, valid)}
+        return global_batch.masked_mean(per_elem, valid), self._per_sample_loss(per_elem, valid)

@@ -57,7 +57,7 @@ from torch import nn
 
 from robotrain import global_batch
 from robotrain.errors import UserError
-from robotrain.policies.base import PER_SAMPLE_LOSS, Policy, PolicyConfig, per_sample_mean, resize_with_pad
+from robotrain.policies.base import Policy, PolicyConfig, resize_with_pad
 
 OBS_STATE = "observation.state"
 ACTION = "action"
@@ -841,9 +841,9 @@ class SmolVLAPolicy(Policy):
         losses = losses[:, :, : self.action_dim]  # padded action dimensions are not targets
         is_pad = batch.get(f"{ACTION}_is_pad")
         if is_pad is None:
-            return losses.mean(), {PER_SAMPLE_LOSS: per_sample_mean(losses)}
+            return losses.mean(), self._per_sample_loss(losses)
         valid = ~is_pad.unsqueeze(-1)
-        return global_batch.masked_mean(losses, valid), {PER_SAMPLE_LOSS: per_sample_mean(losses, valid)}
+        return global_batch.masked_mean(losses, valid), self._per_sample_loss(losses, valid)
 
     def predict_chunk(self, batch):
         images, img_masks, lang_tokens, lang_masks, state = self._inputs(batch)
