@@ -371,8 +371,11 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model_weights(model: torch.nn.Module, pretrained_dir: Path) -> None:
-    """Load `model.safetensors` strictly; a mismatch is a one-line error, not a traceback."""
-    load_weights_strictly(model, load_safetensors(Path(pretrained_dir) / "model.safetensors"), pretrained_dir)
+    """Load `model.safetensors` strictly, after the model's own key fixes for files LeRobot
+    loads (`upgrade_state_dict`, if it has one); a mismatch is a one-line error, not a traceback."""
+    state = load_safetensors(Path(pretrained_dir) / "model.safetensors")
+    upgrade = getattr(model, "upgrade_state_dict", None)
+    load_weights_strictly(model, upgrade(state) if upgrade is not None else state, pretrained_dir)
 
 
 def load_weights_strictly(model: torch.nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:

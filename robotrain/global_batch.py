@@ -115,6 +115,18 @@ def randint(high: int, shape: tuple[int, ...], device) -> torch.Tensor:
     return _draw(partial(torch.randint, 0, high), shape, device)
 
 
+def beta(alpha: float, beta: float, size: int, device) -> torch.Tensor:
+    """Beta(alpha, beta) samples (size,), drawn on the CPU as LeRobot's openpi policies draw them
+    (`torch.distributions.Beta(...).sample`, the same numbers from the same global RNG state), then
+    moved to `device`."""
+    concentration = torch.tensor([alpha, beta], dtype=torch.float32)
+
+    def sample(shape, generator=None, device=None):
+        return torch._sample_dirichlet(concentration.expand(*shape, 2), generator=generator)[..., 0]
+
+    return _draw(sample, (size,), "cpu").to(device)
+
+
 def _draw(sample, shape: tuple[int, ...], device, **kwargs) -> torch.Tensor:
     current = _current.get()
     if current is None:

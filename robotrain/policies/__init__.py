@@ -29,6 +29,8 @@ _REGISTRY: dict[str, str] = {
     "mlp": "robotrain.policies.mlp:MLPPolicy",
     "smolvla": "robotrain.policies.smolvla:SmolVLAPolicy",
     "diffusion": "robotrain.policies.diffusion:DiffusionPolicy",
+    "pi0": "robotrain.policies.pi0:PI0Policy",
+    "pi05": "robotrain.policies.pi0:PI05Policy",
 }
 
 
@@ -146,6 +148,7 @@ def load_config(directory: Path) -> PolicyConfig:
     """The policy config saved in a pretrained_model/ folder's config.json."""
     raw = json.loads((Path(directory) / "config.json").read_text())
     cls = policy_config_class(raw.get("type", "?"))
+    raw.update(cls.fields_from_folder(Path(directory)))
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in raw.items() if k in names})
 

@@ -21,7 +21,7 @@ import json
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import safetensors.torch
@@ -34,7 +34,13 @@ from robotrain.errors import UserError
 
 FeatureSpec = dict[str, Any]  # {"type": "STATE"|"VISUAL"|"ENV"|"ACTION", "shape": [...]}
 
-_POSTPROCESSOR_STATS = "policy_postprocessor_step_0_unnormalizer_processor.safetensors"
+#: LeRobot's normalization modes; the quantile modes map [low, high] quantiles to [-1, 1].
+NORMALIZATION_MODES = ("MEAN_STD", "MIN_MAX", "IDENTITY", "QUANTILES", "QUANTILE10")
+_QUANTILE_STATS = {"QUANTILES": ("q01", "q99"), "QUANTILE10": ("q10", "q90")}
+#: Placeholders for robotrain's standard steps in `Policy.processor_steps`.
+NORMALIZER, UNNORMALIZER, DEVICE = "normalizer", "unnormalizer", "device"
+#: A processor step: LeRobot's step dict, or one of the placeholders above.
+StepSpec = Union[dict[str, Any], str]
 _EPS = 1e-8
 
 
@@ -57,7 +63,7 @@ class PolicyConfig:
     normalization_mapping: dict[str, str] = field(
         default_factory=lambda: {"VISUAL": "MEAN_STD", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
     )
-    """Normalization per feature type: MEAN_STD, MIN_MAX or IDENTITY."""
+    """Normalization per feature type: MEAN_STD, MIN_MAX, IDENTITY, QUANTILES (q01-q99) or QUANTILE10 (q10-q90)."""
     pretrained_path: Optional[str] = None
     """Start from these weights: a local folder or a Hub repo id."""
     pretrained_revision: Optional[str] = None
@@ -71,11 +77,18 @@ class PolicyConfig:
                 f"policy.n_action_steps must be in [1, chunk_size={self.chunk_size}], got {self.n_action_steps}"
             )
         for kind, mode in self.normalization_mapping.items():
-            if mode not in ("MEAN_STD", "MIN_MAX", "IDENTITY"):
-                raise UserError(f"policy.normalization_mapping.{kind} must be MEAN_STD, MIN_MAX or IDENTITY, got {mode!r}")
+            if mode not in NORMALIZATION_MODES:
+                raise UserError(f"policy.normalization_mapping.{kind} must be one of {', '.join(NORMALIZATION_MODES)}, "
+                                f"got {mode!r}")
 
     #: robotrain's own fields, left out of config.json: LeRobot's config parser refuses unknown keys.
     robotrain_fields: ClassVar[tuple[str, ...]] = ("pretrained_revision",)
+
+    @classmethod
+    def fields_from_folder(cls, directory: Path) -> dict[str, Any]:
+        """Robotrain fields a pretrained_model/ folder keeps outside config.json (which LeRobot
+        must parse), e.g. in its processor files; none by default."""
+        return {}
 
     def to_lerobot_dict(self) -> dict[str, Any]:
         """config.json content in LeRobot's order: `type`, PreTrainedConfig's fields (features,
@@ -177,7 +190,7 @@ class Normalizer:
         self.stats = stats
         self.modes = {key: mapping.get(ft["type"], "IDENTITY") for key, ft in features.items()}
         for key, mode in self.modes.items():
-            needed = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max")}.get(mode, ())
+            needed = {"MEAN_STD": ("mean", "std"), "MIN_MAX": ("min", "max"), **_QUANTILE_STATS}.get(mode, ())
             missing = [s for s in needed if s not in stats.get(key, {})]
             if missing:
                 raise UserError(f"dataset stats lack {missing} for {key!r}; regenerate meta/stats.json for the dataset")
@@ -192,7 +205,16 @@ class Normalizer:
         if mode == "MIN_MAX":
             lo, hi = self._shape(key, value, "min"), self._shape(key, value, "max")
             return 2 * (value - lo) / (hi - lo + _EPS) - 1
+        if mode in _QUANTILE_STATS:
+            lo, span = self._quantile_range(key, value, mode)
+            return 2.0 * (value - lo) / span - 1.0
         return value
+
+    def _quantile_range(self, key: str, value: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(low quantile, high - low) as LeRobot's QUANTILES/QUANTILE10: a zero span becomes eps."""
+        low, high = (self._shape(key, value, stat) for stat in _QUANTILE_STATS[mode])
+        span = high - low
+        return low, torch.where(span == 0, torch.tensor(_EPS, device=value.device, dtype=value.dtype), span)
 
     def unnormalize(self, key: str, value: torch.Tensor) -> torch.Tensor:
         mode = self.modes.get(key, "IDENTITY")
@@ -201,6 +223,9 @@ class Normalizer:
         if mode == "MIN_MAX":
             lo, hi = self._shape(key, value, "min"), self._shape(key, value, "max")
             return (value + 1) / 2 * (hi - lo + _EPS) + lo
+        if mode in _QUANTILE_STATS:
+            lo, span = self._quantile_range(key, value, mode)
+            return (value + 1.0) * span / 2.0 + lo
         return value
 
 
@@ -302,12 +327,18 @@ class Policy(nn.Module):
         (directory / "config.json").write_text(json.dumps(self.config.to_lerobot_dict(), indent=4))
         if self._stats_bytes is None:  # stats never change during a run: serialize them once
             self._stats_bytes = stats_file_bytes(self.stats)
-        write_processor_files(directory, self.config, self._stats_bytes, self.preprocessor_steps())
+        write_processor_files(directory, self.config, self._stats_bytes, *self.processor_steps())
 
     def preprocessor_steps(self) -> list[dict[str, Any]]:
         """This policy's own steps of LeRobot's preprocessor pipeline, between batching and the
         device step (SmolVLA: its tokenizer); none by default."""
         return []
+
+    def processor_steps(self) -> tuple[list[StepSpec], list[StepSpec]]:
+        """LeRobot's (preprocessor, postprocessor) steps after its rename and to_batch steps, in
+        order: step dicts, with `NORMALIZER`/`UNNORMALIZER` and `DEVICE` where those go.
+        Default: `preprocessor_steps()`, device, normalizer; then unnormalizer, device."""
+        return [*self.preprocessor_steps(), DEVICE, NORMALIZER], [UNNORMALIZER, DEVICE]
 
 
 def stats_file_bytes(stats: dict[str, dict[str, torch.Tensor]]) -> bytes:
@@ -318,34 +349,37 @@ def stats_file_bytes(stats: dict[str, dict[str, torch.Tensor]]) -> bytes:
 
 
 def write_processor_files(directory: Path, config: PolicyConfig, stats_bytes: bytes,
-                          policy_steps: Sequence[dict[str, Any]] = ()) -> None:
+                          pre: Sequence[StepSpec] = (DEVICE, NORMALIZER),
+                          post: Sequence[StepSpec] = (UNNORMALIZER, DEVICE)) -> None:
     """LeRobot's policy_{pre,post}processor.json and their stats files (`stats_file_bytes`).
-    `policy_steps` go between batching and the device step; a stats file is named after the
-    index of its step in the pipeline."""
+    `pre` and `post` are the steps after rename and to_batch (`Policy.processor_steps`); a stats
+    file is named after the index of its step in the pipeline."""
     norm_map = dict(config.normalization_mapping)
-    device_step = {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}}
-    pre_steps = [
-        {"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
-        {"registry_name": "to_batch_processor", "config": {}},
-        *policy_steps,
-        device_step,
-    ]
-    pre_stats = f"policy_preprocessor_step_{len(pre_steps)}_normalizer_processor.safetensors"
-    pre_steps.append({"registry_name": "normalizer_processor",
-                      "config": {"eps": _EPS, "features": {**config.input_features, **config.output_features},
-                                 "norm_map": norm_map},
-                      "state_file": pre_stats})
-    post = {"name": "policy_postprocessor", "steps": [
-        {"registry_name": "unnormalizer_processor",
-         "config": {"eps": _EPS, "features": dict(config.output_features), "norm_map": norm_map},
-         "state_file": _POSTPROCESSOR_STATS},
-        device_step,
-    ]}
-    pre = {"name": "policy_preprocessor", "steps": pre_steps}
-    (directory / "policy_preprocessor.json").write_text(json.dumps(pre, indent=2))
-    (directory / "policy_postprocessor.json").write_text(json.dumps(post, indent=2))
-    (directory / pre_stats).write_bytes(stats_bytes)
-    (directory / _POSTPROCESSOR_STATS).write_bytes(stats_bytes)
+    standard = {
+        DEVICE: {"registry_name": "device_processor", "config": {"device": "cpu", "float_dtype": None}},
+        NORMALIZER: {"registry_name": "normalizer_processor", "config": {
+            "eps": _EPS, "features": {**config.input_features, **config.output_features}, "norm_map": norm_map}},
+        UNNORMALIZER: {"registry_name": "unnormalizer_processor", "config": {
+            "eps": _EPS, "features": dict(config.output_features), "norm_map": norm_map}},
+    }
+
+    def pipeline(name: str, first: list[dict[str, Any]], steps: Sequence[StepSpec]) -> dict[str, Any]:
+        out = list(first)
+        for step in steps:
+            if isinstance(step, str):
+                step = dict(standard[step])
+                if step["registry_name"] != "device_processor":
+                    step["state_file"] = f"{name}_step_{len(out)}_{step['registry_name']}.safetensors"
+                    (directory / step["state_file"]).write_bytes(stats_bytes)
+            out.append(step)
+        return {"name": name, "steps": out}
+
+    batching = [{"registry_name": "rename_observations_processor", "config": {"rename_map": {}}},
+                {"registry_name": "to_batch_processor", "config": {}}]
+    pre_pipeline = pipeline("policy_preprocessor", batching, pre)
+    post_pipeline = pipeline("policy_postprocessor", [], post)
+    (directory / "policy_preprocessor.json").write_text(json.dumps(pre_pipeline, indent=2))
+    (directory / "policy_postprocessor.json").write_text(json.dumps(post_pipeline, indent=2))
 
 
 def read_processor_stats(directory: Path) -> dict[str, dict[str, torch.Tensor]]:

@@ -57,7 +57,9 @@ from torch import nn
 
 from robotrain import global_batch
 from robotrain.errors import UserError
+from robotrain.policies import vla
 from robotrain.policies.base import Policy, PolicyConfig, resize_with_pad
+from robotrain.policies.vla import create_sinusoidal_pos_embedding, first_line, make_att_2d_masks, pad_vector
 
 OBS_STATE = "observation.state"
 ACTION = "action"
@@ -218,43 +220,23 @@ def _load_backbone_config(model_id: str):
     try:
         return _transformers().AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as err:
-        raise UserError(f"policy.vlm_model_name={model_id}: cannot read its config ({_first_line(err)})") from None
+        raise UserError(f"policy.vlm_model_name={model_id}: cannot read its config ({first_line(err)})") from None
 
 
 def load_tokenizer(model_id: str):
     """The backbone's tokenizer (what LeRobot's `tokenizer_processor` step loads)."""
     _check_backbone_source(model_id)
-    try:
-        tokenizer = _transformers().AutoTokenizer.from_pretrained(model_id)
-    except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"policy.vlm_model_name={model_id}: cannot read its tokenizer ({_first_line(err)})") from None
-    if tokenizer.pad_token is None:
-        raise UserError(f"policy.vlm_model_name={model_id}: its tokenizer has no pad token")
-    return tokenizer
+    return vla.load_tokenizer(model_id, "policy.vlm_model_name", "smolvla")
 
 
 def _transformers():
-    """transformers, imported on first use (robotrain's other policies never import it)."""
-    try:
-        import transformers
-    except ImportError:
-        raise UserError("policy=smolvla needs transformers: pip install 'robotrain[policies]'") from None
-    return transformers
+    return vla.transformers_module("smolvla")
 
 
 def _check_backbone_source(model_id: str) -> None:
-    local = Path(model_id).expanduser()
-    looks_local = model_id.startswith(("/", ".", "~")) or model_id.count("/") > 1
-    if looks_local and not local.is_dir():
-        raise UserError(f"policy.vlm_model_name={model_id} does not exist; pass a SmolVLM folder "
-                        "(config.json + tokenizer) or a Hub repo id")
-    if local.is_dir() and not (local / "config.json").is_file():
+    vla.check_source(model_id, "policy.vlm_model_name", "SmolVLM")
+    if Path(model_id).expanduser().is_dir() and not (Path(model_id).expanduser() / "config.json").is_file():
         raise UserError(f"policy.vlm_model_name={model_id} has no config.json; pass a SmolVLM folder")
-
-
-def _first_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:300] or type(err).__name__
 
 
 class SmolVLMWithExpertModel(nn.Module):
@@ -275,7 +257,7 @@ class SmolVLMWithExpertModel(nn.Module):
             try:
                 self.vlm = transformers.AutoModelForImageTextToText.from_pretrained(model_id, dtype=torch.bfloat16)
             except OSError as err:
-                raise UserError(f"policy.vlm_model_name={model_id}: cannot load its weights ({_first_line(err)}); "
+                raise UserError(f"policy.vlm_model_name={model_id}: cannot load its weights ({first_line(err)}); "
                                 "set policy.load_vlm_weights=false to start from random weights") from None
             vlm_config = self.vlm.config
         else:
@@ -526,31 +508,6 @@ class SmolVLMWithExpertModel(nn.Module):
         return out.reshape(batch_size, -1, self.num_attention_heads * head_dim)
 
 
-def create_sinusoidal_pos_embedding(time: torch.Tensor, dimension: int, min_period: float, max_period: float):
-    """Sine-cosine embedding [B, dimension] of scalar times [B]."""
-    if dimension % 2:
-        raise ValueError(f"dimension ({dimension}) must be divisible by 2")
-    dtype = torch.float32 if time.device.type == "mps" else torch.float64
-    fraction = torch.linspace(0.0, 1.0, dimension // 2, dtype=dtype, device=time.device)
-    period = min_period * (max_period / min_period) ** fraction
-    sin_input = (1.0 / period * 2 * math.pi)[None, :] * time[:, None]
-    return torch.cat([torch.sin(sin_input), torch.cos(sin_input)], dim=1)
-
-
-def make_att_2d_masks(pad_masks: torch.Tensor, att_masks: torch.Tensor) -> torch.Tensor:
-    """big_vision's masks: a token attends to valid tokens whose cumulative `att_masks` is <= its own."""
-    cumsum = torch.cumsum(att_masks, dim=1)
-    att_2d = cumsum[:, None, :] <= cumsum[:, :, None]
-    return att_2d & (pad_masks[:, None, :] * pad_masks[:, :, None])
-
-
-def pad_vector(vector: torch.Tensor, new_dim: int) -> torch.Tensor:
-    """Zero-pad the last dimension to `new_dim`."""
-    if vector.shape[-1] == new_dim:
-        return vector
-    return F.pad(vector, (0, new_dim - vector.shape[-1]))
-
-
 def pad_tensor(tensor: torch.Tensor, max_len: int, pad_value=0) -> torch.Tensor:
     """Pad dimension 1 to `max_len`."""
     padded = torch.full((tensor.shape[0], max_len, *tensor.shape[2:]), pad_value, dtype=tensor.dtype,
@@ -787,11 +744,8 @@ class SmolVLAPolicy(Policy):
     def tokenize(self, tasks: list[str] | str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """LeRobot's preprocessor: a newline after each task, then the backbone's tokenizer
         (right padding per `pad_language_to`, truncation to `tokenizer_max_length`)."""
-        tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-        tasks = [t if t.endswith("\n") else f"{t}\n" for t in tasks]
-        tokens = self.tokenizer(tasks, max_length=self.config.tokenizer_max_length, truncation=True,
-                                padding=self.config.pad_language_to, padding_side="right", return_tensors="pt")
-        return tokens["input_ids"].to(device), tokens["attention_mask"].to(device=device, dtype=torch.bool)
+        return vla.tokenize(self.tokenizer, tasks, self.config.tokenizer_max_length, self.config.pad_language_to,
+                            device)
 
     def prepare_images(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Images resized with padding and mapped from [0, 1] to [-1, 1]; absent cameras (up to
