@@ -99,6 +99,17 @@ def sharded_count(policy: nn.Module) -> int:
     return sum(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in policy.parameters())
 
 
+def parameter_bytes(policy: nn.Module) -> tuple[int, int]:
+    """(bytes of parameters this process holds, bytes of the whole model's parameters)."""
+    from torch.distributed.tensor import DTensor
+
+    local = total = 0
+    for p in policy.parameters():
+        total += p.numel() * p.element_size()
+        local += (p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+    return local, total
+
+
 def full_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
     """The consolidated weights on the main process (empty elsewhere); every process must call it.
     Cloned, because the gathered tensors can share storage with live training state."""

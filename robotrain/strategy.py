@@ -78,8 +78,10 @@ class Sharded(Strategy):
         from robotrain import fsdp
 
         fsdp.shard(policy.to(accelerator.device), accelerator.device)
-        log.info("FSDP: %d of %d parameter tensors sharded as DTensors over %d processes",
-                 fsdp.sharded_count(policy), len(list(policy.parameters())), accelerator.num_processes)
+        local, total = fsdp.parameter_bytes(policy)
+        log.info("FSDP: %d of %d parameter tensors sharded as DTensors over %d processes; this process holds "
+                 "%.2f of the %.2f MB of parameters", fsdp.sharded_count(policy), len(list(policy.parameters())),
+                 accelerator.num_processes, local / 2**20, total / 2**20)
         return policy
 
     def wrap(self, policy, optimizer, accelerator):

@@ -16,6 +16,10 @@ import sys
 from pathlib import Path
 
 VOCAB_SIZE = 512
+#: CLI overrides for a pi0 / pi0.5 that trains in seconds (add `policy.tokenizer_name=<folder>`).
+PI0_TINY = ["policy.paligemma_variant=dummy", "policy.action_expert_variant=dummy", "policy.chunk_size=10",
+            "policy.n_action_steps=10", "policy.image_resolution=[28,28]", "policy.tokenizer_max_length=24",
+            "policy.num_inference_steps=2"]
 SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>"]
 CORPUS = [
     "move the red dot onto the green target\n",

@@ -33,6 +33,7 @@ import torch
 
 from robotrain import policies, strategy
 from tests.conftest import TINY, load_tensors
+from tests.paligemma_tiny import PI0_TINY, build_tiny_paligemma_tokenizer
 from tests.smolvlm_tiny import build_tiny_smolvlm
 
 #: name -> (processes, distributed.strategy): one process, and two under every registered strategy.
@@ -52,6 +53,7 @@ def tiny_policy_cli(tmp_path_factory) -> dict[str, list[str]]:
     draws its own dropout masks, so a split batch would not train like a whole one; adapters'
     dropout is off for the same reason)."""
     vlm = build_tiny_smolvlm(tmp_path_factory.mktemp("vlm") / "tiny_smolvlm")
+    paligemma = build_tiny_paligemma_tokenizer(tmp_path_factory.mktemp("paligemma") / "tokenizer")
     return {
         "mlp": ["policy=mlp", "policy.hidden_dim=32"],
         "act": ["policy=act", "policy.dim_model=32", "policy.n_heads=2", "policy.dim_feedforward=64",
@@ -64,6 +66,7 @@ def tiny_policy_cli(tmp_path_factory) -> dict[str, list[str]]:
         "smolvla": ["policy=smolvla", f"policy.vlm_model_name={vlm}", "policy.chunk_size=10",
                     "policy.n_action_steps=10", "policy.resize_imgs_with_padding=[64,64]",
                     "policy.tokenizer_max_length=16", "policy.num_vlm_layers=4", "policy.num_steps=2"],
+        **{name: [f"policy={name}", f"policy.tokenizer_name={paligemma}", *PI0_TINY] for name in ("pi0", "pi05")},
     }
 
 

@@ -1,7 +1,7 @@
 """Every example command in README.md runs: the test reads the ```bash blocks of the Examples
 section, shrinks the runs (few steps, a small dataset) and points them at the local stand-ins:
 the Hub emulator, the HF Jobs emulator, the real single-node SLURM cluster, a tiny offline
-SmolVLA and a LeRobot dataset from tests/data."""
+SmolVLA, pi0 and pi0.5 and a LeRobot dataset from tests/data."""
 
 from __future__ import annotations
 
@@ -43,8 +43,8 @@ def test_the_readme_has_examples_for_every_feature():
 class StandIns:
     """Maps a README command onto this machine's stand-ins; one per test."""
 
-    def __init__(self, tmp_path: Path, hub, smolvla: tuple[Path, Path, list[str]] | None):
-        self.tmp, self.hub, self.smolvla = tmp_path, hub, smolvla
+    def __init__(self, tmp_path: Path, hub, bases: dict[str, tuple[Path, list[str]]]):
+        self.tmp, self.hub, self.bases = tmp_path, hub, bases
         self.repo = f"you/reach-mlp-{tmp_path.name[-24:].replace('_', '-')}"
 
     def argv(self, command: str, index: int) -> list[str]:
@@ -59,8 +59,9 @@ class StandIns:
         head, args = words[: words.index("robotrain") + 1], words[words.index("robotrain") + 1:]
         args = [self._local(a) for a in args if a.split("=", 1)[0] not in SHRINK or a.startswith("steps=4000")]
         args = ["steps=8" if a.startswith("steps=4000") else a for a in args]
-        if "lerobot/smolvla_base" in command:
-            args += [f"policy.vlm_model_name={self.smolvla[0]}", *self.smolvla[2]]
+        for base, (_, base_args) in self.bases.items():
+            if base in command:
+                args += base_args
         shrink = [f"{k}={v}" for k, v in SHRINK.items() if not any(a.startswith(f"{k}=") for a in args)]
         if any(a.startswith("job=hf") for a in args):
             shrink.append(f"+job.env.ROBOTRAIN_CACHE={self.tmp / 'cache'}")
@@ -74,37 +75,58 @@ class StandIns:
             return f"dataset.root={VIDEO_DATASET}"
         if arg.startswith("dataset.root=/path/to/"):
             return f"dataset.root={TINY_DATASET}"
-        if arg == "policy.pretrained_path=lerobot/smolvla_base":
-            return f"policy.pretrained_path={self.smolvla[1]}"
+        base = arg.removeprefix("policy.pretrained_path=")
+        if base in self.bases:
+            return f"policy.pretrained_path={self.bases[base][0]}"
         if arg.startswith("hydra.run.dir=outputs/"):
             return f"hydra.run.dir={self.tmp / arg.split('/', 1)[1]}"
         return arg
 
 
+#: The README's pretrained Hub policies, each stood in for by a tiny one trained offline.
+BASES = ("lerobot/smolvla_base", "lerobot/pi0_base", "lerobot/pi05_base")
+
+
 @pytest.fixture(scope="module")
-def smolvla(module_cli, tmp_path_factory):
-    """A tiny SmolVLM folder and a tiny pretrained SmolVLA, offline, for the LoRA example."""
+def pretrained_base(module_cli, tmp_path_factory):
+    """`base id -> (a tiny pretrained folder of that policy, the CLI args that make it tiny)`,
+    each trained (2 steps, offline) on first use."""
+    from tests.paligemma_tiny import PI0_TINY, build_tiny_paligemma_tokenizer
     from tests.smolvlm_tiny import build_tiny_smolvlm
     from tests.test_policy_smolvla import TINY_CLI
 
-    vlm = build_tiny_smolvlm(tmp_path_factory.mktemp("vlm") / "tiny_smolvlm")
-    run_dir = tmp_path_factory.mktemp("smolvla_base")
-    done = module_cli.run("policy=smolvla", f"policy.vlm_model_name={vlm}", *TINY_CLI, "steps=2", "batch_size=4",
-                          "eval.enabled=false", "dataset.synthetic.num_episodes=20", f"hydra.run.dir={run_dir}")
-    assert done.returncode == 0, done.stderr[-3000:]
-    return vlm, run_dir / "checkpoints" / "000002" / "pretrained_model", TINY_CLI
+    built: dict[str, tuple[Path, list[str]]] = {}
+
+    def tiny_cli(base: str) -> list[str]:
+        if base == "lerobot/smolvla_base":
+            vlm = build_tiny_smolvlm(tmp_path_factory.mktemp("vlm") / "tiny_smolvlm")
+            return ["policy=smolvla", f"policy.vlm_model_name={vlm}", *TINY_CLI]
+        tokenizer = build_tiny_paligemma_tokenizer(tmp_path_factory.mktemp("paligemma") / "tokenizer")
+        return [f"policy={base.split('/')[1].removesuffix('_base')}", f"policy.tokenizer_name={tokenizer}", *PI0_TINY]
+
+    def get(base: str) -> tuple[Path, list[str]]:
+        if base not in built:
+            args = tiny_cli(base)
+            run_dir = tmp_path_factory.mktemp(base.split("/")[1])
+            done = module_cli.run(*args, "steps=2", "batch_size=4", "eval.enabled=false",
+                                  "dataset.synthetic.num_episodes=20", f"hydra.run.dir={run_dir}")
+            assert done.returncode == 0, done.stderr[-3000:]
+            built[base] = run_dir / "checkpoints" / "000002" / "pretrained_model", args[1:]
+        return built[base]
+
+    return get
 
 
 def _needs(block: list[str]) -> set[str]:
     text = " ".join(block)
-    return {name for name, marker in (("slurm", "job=slurm"), ("smolvla", "smolvla_base")) if marker in text}
+    return {name for name, marker in (("slurm", "job=slurm"), *((b, b) for b in BASES)) if marker in text}
 
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[b[0][:60] for b in BLOCKS])
 def test_readme_example_runs(block, request, cli, hub, tmp_path):
     if "slurm" in _needs(block):
         request.getfixturevalue("slurm")
-    smolvla = request.getfixturevalue("smolvla") if "smolvla" in _needs(block) else None
+    bases = {base: request.getfixturevalue("pretrained_base")(base) for base in BASES if base in _needs(block)}
     cli.env.update(hub.env)
     cli.env["HF_LEROBOT_HOME"] = str(tmp_path / "lerobot")
     cli.env["ROBOTRAIN_CACHE"] = str(tmp_path / "cache")
@@ -112,7 +134,7 @@ def test_readme_example_runs(block, request, cli, hub, tmp_path):
         _upload_dataset(hub, "lerobot/my_dataset")
     if any("dataset=mixture" in c for c in block):  # its Hub member; the other is on disk
         _upload_dataset(hub, "user/so101_pick", VIDEO_DATASET)
-    stand_ins = StandIns(tmp_path, hub, smolvla)
+    stand_ins = StandIns(tmp_path, hub, bases)
     for index, command in enumerate(block):
         argv = stand_ins.argv(command, index)
         done = cli.run(*argv[2:]) if argv[:2] == ["-m", "robotrain"] else _run_module(cli, argv)

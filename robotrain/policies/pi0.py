@@ -391,7 +391,18 @@ class PaliGemmaWithExpert(nn.Module):
             self.paligemma.model.vision_tower.requires_grad_(False)
         if self.train_expert_only:
             self.paligemma.requires_grad_(False)
+        self._freeze_what_the_loss_never_reaches()
         self.train()
+
+    def _freeze_what_the_loss_never_reaches(self) -> None:
+        """The lm_heads, the VLM's final norm and its last layer's attention output and MLP only
+        compute the prefix's outputs, which the loss never reads (the suffix reads the prefix's
+        keys and values). They get no gradient, in LeRobot too, so freezing them changes nothing
+        in training, and lets DDP expect a gradient for every trainable parameter."""
+        last = self.language_model.layers[-1]
+        for module in (self.paligemma.lm_head, self.gemma_expert.lm_head, self.language_model.norm,
+                       last.self_attn.o_proj, last.post_attention_layernorm, last.mlp):
+            module.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
