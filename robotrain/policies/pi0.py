@@ -644,17 +644,7 @@ class PI0Policy(Policy):
             config.input_features.setdefault(f"observation.images.empty_camera_{i}",
                                              {"type": "VISUAL", "shape": [3, *config.image_resolution]})
         super().__init__(config, stats)
-        self.image_keys = list(config.image_features)
-        if not self.image_keys:
-            raise UserError(f"{self.name} needs at least one image input (a VISUAL feature); the dataset has none")
-        if OBS_STATE not in config.input_features:
-            raise UserError(f"{self.name} needs a {OBS_STATE!r} input; the inputs are {sorted(config.input_features)}")
-        state_dim = config.input_features[OBS_STATE]["shape"][-1]
-        self.action_dim = config.output_features[ACTION]["shape"][-1]
-        if state_dim > config.max_state_dim:
-            raise UserError(f"policy.max_state_dim={config.max_state_dim} is below the state size {state_dim}")
-        if self.action_dim > config.max_action_dim:
-            raise UserError(f"policy.max_action_dim={config.max_action_dim} is below the action size {self.action_dim}")
+        self.image_keys, self.action_dim = vla.check_features(config, self.name)
         self.tokenizer = vla.load_tokenizer(config.tokenizer_name, "policy.tokenizer_name", self.name)
         self.model = PI0FlowMatching(config)
         vocab = self.model.paligemma_with_expert.vocab_size
@@ -710,12 +700,7 @@ class PI0Policy(Policy):
                                  actions.shape[0], actions.device)
         time = (time * self.config.time_sampling_scale + self.config.time_sampling_offset).to(torch.float32)
         losses = self.model(images, img_masks, tokens, masks, state, actions, noise, time)
-        losses = losses[:, :, : self.action_dim]  # padded action dimensions are not targets
-        is_pad = batch.get(f"{ACTION}_is_pad")
-        if is_pad is None:
-            return losses.mean(), self._per_sample_loss(losses)
-        valid = ~is_pad.unsqueeze(-1)
-        return global_batch.masked_mean(losses, valid), self._per_sample_loss(losses, valid)
+        return vla.action_loss(self, losses, batch, self.action_dim)
 
     def predict_chunk(self, batch):
         images, img_masks, tokens, masks, state = self._inputs(batch)

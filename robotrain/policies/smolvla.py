@@ -716,17 +716,7 @@ class SmolVLAPolicy(Policy):
         for i in range(config.empty_cameras):
             config.input_features.setdefault(_EMPTY_CAMERA.format(i), {"type": "VISUAL", "shape": [3, 480, 640]})
         super().__init__(config, stats)
-        self.image_keys = list(config.image_features)
-        if not self.image_keys:
-            raise UserError("SmolVLA needs at least one image input (a VISUAL feature); the dataset has none")
-        if OBS_STATE not in config.input_features:
-            raise UserError(f"SmolVLA needs a {OBS_STATE!r} input; the inputs are {sorted(config.input_features)}")
-        state_dim = config.input_features[OBS_STATE]["shape"][-1]
-        self.action_dim = config.output_features[ACTION]["shape"][-1]
-        if state_dim > config.max_state_dim:
-            raise UserError(f"policy.max_state_dim={config.max_state_dim} is below the state size {state_dim}")
-        if self.action_dim > config.max_action_dim:
-            raise UserError(f"policy.max_action_dim={config.max_action_dim} is below the action size {self.action_dim}")
+        self.image_keys, self.action_dim = vla.check_features(config, "SmolVLA")
         self.tokenizer = load_tokenizer(config.vlm_model_name)
         fake = _special_token_id(self.tokenizer, "fake_image_token", "<fake_token_around_image>")
         global_img = _special_token_id(self.tokenizer, "global_image_token", "<global-img>")
@@ -792,12 +782,7 @@ class SmolVLAPolicy(Policy):
             actions = _aloha_convert(actions, aloha_gripper_from_angular_inv)
         losses = self.model(images, img_masks, lang_tokens, lang_masks, state,
                             pad_vector(actions, self.config.max_action_dim))
-        losses = losses[:, :, : self.action_dim]  # padded action dimensions are not targets
-        is_pad = batch.get(f"{ACTION}_is_pad")
-        if is_pad is None:
-            return losses.mean(), self._per_sample_loss(losses)
-        valid = ~is_pad.unsqueeze(-1)
-        return global_batch.masked_mean(losses, valid), self._per_sample_loss(losses, valid)
+        return vla.action_loss(self, losses, batch, self.action_dim)
 
     def predict_chunk(self, batch):
         images, img_masks, lang_tokens, lang_masks, state = self._inputs(batch)

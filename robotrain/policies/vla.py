@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from robotrain import global_batch
 from robotrain.errors import UserError
 
 
@@ -62,6 +63,34 @@ def tokenize(tokenizer, tasks: list[str] | str, max_length: int, padding: str,
     tokens = tokenizer(tasks, max_length=max_length, truncation=True, padding=padding, padding_side="right",
                        return_tensors="pt")
     return tokens["input_ids"].to(device), tokens["attention_mask"].to(device=device, dtype=torch.bool)
+
+
+def check_features(config, policy: str) -> tuple[list[str], int]:
+    """(camera keys, action size) of a VLA policy's config: at least one camera, a state, and state
+    and action sizes within `max_state_dim` / `max_action_dim`; else a one-line error."""
+    image_keys = list(config.image_features)
+    if not image_keys:
+        raise UserError(f"{policy} needs at least one image input (a VISUAL feature); the dataset has none")
+    if "observation.state" not in config.input_features:
+        raise UserError(f"{policy} needs an 'observation.state' input; the inputs are {sorted(config.input_features)}")
+    state_dim = config.input_features["observation.state"]["shape"][-1]
+    action_dim = config.output_features["action"]["shape"][-1]
+    if state_dim > config.max_state_dim:
+        raise UserError(f"policy.max_state_dim={config.max_state_dim} is below the state size {state_dim}")
+    if action_dim > config.max_action_dim:
+        raise UserError(f"policy.max_action_dim={config.max_action_dim} is below the action size {action_dim}")
+    return image_keys, action_dim
+
+
+def action_loss(policy, losses: torch.Tensor, batch: dict, action_dim: int):
+    """(loss, metrics) from per-element flow-matching losses (B, chunk, max_action_dim): the padded
+    action dimensions are not targets, nor are actions past the episode end (`action_is_pad`)."""
+    losses = losses[:, :, :action_dim]
+    is_pad = batch.get("action_is_pad")
+    if is_pad is None:
+        return losses.mean(), policy._per_sample_loss(losses)
+    valid = ~is_pad.unsqueeze(-1)
+    return global_batch.masked_mean(losses, valid), policy._per_sample_loss(losses, valid)
 
 
 def create_sinusoidal_pos_embedding(time: torch.Tensor, dimension: int, min_period: float, max_period: float):
