@@ -359,3 +359,25 @@ def test_fsdp_shards_pi0_to_half_per_process_with_gradient_checkpointing(cli, tm
     assert 0.45 < local / total < 0.55, (local, total)
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(loss == loss for loss in losses)
+
+
+@pytest.mark.slow
+def test_bfloat16_trains_saves_lerobots_dtypes_and_resumes_bit_exactly(cli, tmp_path, tokenizer):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = ["policy=pi0", f"policy.tokenizer_name={tokenizer}", *PI0_TINY, "policy.dtype=bfloat16",
+            "dataset.synthetic.num_episodes=8", "batch_size=4", "eval.enabled=false", "steps=4", "checkpoint.every=2"]
+    done = cli.run(*args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "000002", tmp_path / "resumed" / "checkpoints" / "000002")
+    done = cli.run(*args, f"hydra.run.dir={tmp_path / 'resumed'}", "resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    whole, resumed = (load_file(str(tmp_path / d / "checkpoints" / "000004" / "pretrained_model" / "model.safetensors"))
+                      for d in ("run", "resumed"))
+    backbone = [k for k in whole if ".paligemma_with_expert." in k]
+    assert all(whole[k].dtype == (torch.float32 if any(p in k for p in KEEP_FLOAT32) else torch.bfloat16)
+               for k in backbone)
+    assert all(whole[k].dtype == torch.float32 for k in whole if k not in backbone)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)

@@ -516,6 +516,10 @@ class PI0FlowMatching(nn.Module):
             self.state_proj = nn.Linear(config.max_state_dim, width)
             self.action_time_mlp_in = nn.Linear(2 * width, width)
             self.action_time_mlp_out = nn.Linear(width, width)
+        if config.compile_model:  # as LeRobot: the training forward and the sampler
+            torch.set_float32_matmul_precision("high")
+            self.sample_actions = torch.compile(self.sample_actions, mode=config.compile_mode)
+            self.forward = torch.compile(self.forward, mode=config.compile_mode)
 
     def _maybe_checkpoint(self, func, *args):
         if self.config.gradient_checkpointing and self.training and torch.is_grad_enabled():
