@@ -53,7 +53,8 @@ def shard(policy: nn.Module, device: torch.device) -> nn.Module:
     """Shard `policy` in place across all processes; returns it. Every leaf module with
     parameters is a unit, and so is each module of `_WHOLE_UNITS` with all it contains; the
     modules the policy reads outside their forward (`Policy.fsdp_gathered_with_policy`) are
-    held by the policy's own unit."""
+    held by the policy's own unit. `fully_shard` moves each unit's parameters and buffers to the
+    mesh's device as it shards them, so a GPU never holds the whole model at once."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

@@ -77,7 +77,7 @@ class Sharded(Strategy):
     def prepare(self, policy, accelerator):
         from robotrain import fsdp
 
-        fsdp.shard(policy.to(accelerator.device), accelerator.device)
+        fsdp.shard(policy, accelerator.device)  # each unit moves to the device as it is sharded
         local, total = fsdp.parameter_bytes(policy)
         log.info("FSDP: %d of %d parameter tensors sharded as DTensors over %d processes; this process holds "
                  "%.2f of the %.2f MB of parameters", fsdp.sharded_count(policy), len(list(policy.parameters())),

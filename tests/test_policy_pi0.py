@@ -381,3 +381,18 @@ def test_bfloat16_trains_saves_lerobots_dtypes_and_resumes_bit_exactly(cli, tmp_
                for k in backbone)
     assert all(whole[k].dtype == torch.float32 for k in whole if k not in backbone)
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_lerobots_gemma_300m_vlm_cannot_run_and_says_so(tokenizer):
+    """LeRobot's gemma_300m PaliGemma (used for its key lists) projects images to 2048 values for
+    a 1024-wide language model: a one-line error instead of a shape mismatch deep in torch.cat."""
+    from robotrain.errors import UserError
+
+    policy = tiny("pi0", tokenizer)
+    model = policy.model
+    images = [torch.zeros(1, 3, 28, 28)]
+    wide = lambda img: torch.zeros(1, 4, 128)  # noqa: E731  (the image tokens of a 2x wider projection)
+    model.paligemma_with_expert.embed_image = wide
+    with pytest.raises(UserError, match="cannot run: LeRobot's layout projects images to 128 values for a 64-wide"):
+        model.embed_prefix(images, [torch.ones(1, dtype=torch.bool)], torch.zeros(1, 3, dtype=torch.long),
+                           torch.ones(1, 3, dtype=torch.bool))

@@ -536,6 +536,10 @@ class PI0FlowMatching(nn.Module):
             pad_masks.append(img_mask[:, None].expand(bsize, num_img_embs))
             num_tokens += num_img_embs
         lang_emb = self._maybe_checkpoint(self.paligemma_with_expert.embed_language_tokens, lang_tokens)
+        if embs and embs[0].shape[-1] != lang_emb.shape[-1]:
+            raise UserError(f"policy.paligemma_variant={self.config.paligemma_variant} cannot run: LeRobot's layout "
+                            f"projects images to {embs[0].shape[-1]} values for a {lang_emb.shape[-1]}-wide language "
+                            "model (LeRobot 0.6.1 fails alike); use gemma_2b, or dummy for tests")
         embs.append(lang_emb)
         pad_masks.append(lang_masks)
         pad_masks = torch.cat(pad_masks, dim=1)
