@@ -12,9 +12,13 @@ model, its gradients and AdamW's two moments, plus what the step allocates). The
 2-process peak to the 1-process peak is the figure issue 18 asks for: close to 1/2 plus the
 fixed cost of a process (torch, transformers, the data loader) and of gathering one layer.
 
-gemma_300m (~1.8 B parameters, of which ~0.8 B are the vocabulary embedding and the two
-lm_heads LeRobot keeps) needs about 15 GB on one process in bfloat16, and a few minutes per step
-on 2 CPU cores; `--variant dummy` is the test size (seconds, and dominated by fixed costs).
+Sizes. LeRobot's `gemma_300m` PaliGemma does not run (its image projection is 2048 wide, its
+language model 1024; LeRobot 0.6.1 fails alike), so the runnable sizes are `dummy` (the test
+size: seconds, and its peak memory is the fixed cost of a process) and `gemma_2b` (real pi0,
+~3.5 B parameters: a full fine-tune needs ~30 GB on one process in bfloat16, more than a 24 GB
+machine has). Every process builds the whole model before sharding it, so the start-up peak is
+one model per process; the training peak (gradients and AdamW's moments, twice the parameters)
+is what sharding divides.
 """
 
 from __future__ import annotations
@@ -64,8 +68,8 @@ def main() -> None:
         results = {processes: run([*common, f"distributed.processes={processes}"], Path(tmp) / f"p{processes}")
                    for processes in (1, 2)}
     for processes, result in results.items():
-        print(f"    {processes} process(es): the main process holds {result['held_mb']:.0f} of the "
-              f"{result['total_mb']:.0f} MB of parameters; peak memory of the largest process while "
+        print(f"    {processes} process(es): the main process holds {result['held_mb']:.2f} of the "
+              f"{result['total_mb']:.2f} MB of parameters; peak memory of the largest process while "
               f"training {result['peak_mb']:.0f} MB")
     print(f"pi0 {args.variant} FSDP, 2 processes / 1 process: parameters held per process "
           f"{results[2]['held_mb'] / results[1]['held_mb']:.2f}, peak memory per process "
