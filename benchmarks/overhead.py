@@ -81,7 +81,7 @@ class Measured:
 #: Training options measured, each against a bare loop doing the same math: the plain run, four
 #: micro-batches of a quarter of the batch per step, and an EMA of the weights.
 VARIANTS = {"plain": [], "grad_accum_steps=4": ["grad_accum_steps=4"], "ema": ["ema.enabled=true"],
-            "grad_accum_steps=4 prefetch=0": ["grad_accum_steps=4", "prefetch=0"]}
+            "grad_accum_steps=4 prefetch=0": ["grad_accum_steps=4", "prefetch=0"], "prefetch=0": ["prefetch=0"]}
 
 
 def overrides(args, num_workers: int, variant: str = "plain") -> list[str]:

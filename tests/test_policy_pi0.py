@@ -357,6 +357,10 @@ def test_fsdp_shards_pi0_to_half_per_process_with_gradient_checkpointing(cli, tm
     sharded, count, local, total = int(match[1]), int(match[2]), float(match[3]), float(match[4])
     assert sharded == count > 100
     assert 0.45 < local / total < 0.55, (local, total)
+    # Each process saved its own shard of model and AdamW state: about half of the bytes each.
+    shards = sorted((run_dir / "checkpoints" / "000002" / "training_state" / "dcp").glob("*.safetensors"))
+    sizes = [shard.stat().st_size for shard in shards]
+    assert len(sizes) == 2 and all(0.4 < size / sum(sizes) < 0.6 for size in sizes), sizes
     losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(loss == loss for loss in losses)
 
