@@ -85,7 +85,9 @@ def _inside(name: str, units: set[str]) -> bool:
 
 def _gathered_with_policy(policy: nn.Module) -> set[str]:
     """`fsdp_gathered_with_policy` of the policy, also when PEFT wraps it (names gain a prefix)."""
-    base = getattr(policy, "get_base_model", lambda: policy)()
+    from robotrain.peft import base_policy
+
+    base = base_policy(policy)
     names = set(getattr(base, "fsdp_gathered_with_policy", ()))
     if base is policy:
         return names

@@ -97,6 +97,11 @@ def is_adapted(model: nn.Module) -> bool:
     return isinstance(model, PeftModel)  # also once FSDP has subclassed it (FSDPPeftModel)
 
 
+def base_policy(model: nn.Module) -> nn.Module:
+    """The policy itself: under an adapter, the base model PEFT wraps; else `model`."""
+    return model.get_base_model() if is_adapted(model) else model
+
+
 def load_adapter(policy: nn.Module, directory: Path, trainable: bool) -> nn.Module:
     """`policy` (holding the base weights) with the adapter saved in `directory`."""
     from peft import PeftModel

@@ -198,8 +198,7 @@ def _build_policy(cfg: TrainConfig, dataset, device):
         if cfg.policy.pretrained_path else []
     policy = peft.apply(policies.make(cfg.policy, dataset.meta.features, dataset.meta.stats, folders),
                         cfg.peft, cfg.policy)
-    base = policy.get_base_model() if peft.is_adapted(policy) else policy
-    base.reports_per_sample_loss = cfg.dataset.is_mixture  # for the per-member losses
+    peft.base_policy(policy).reports_per_sample_loss = cfg.dataset.is_mixture  # for the per-member losses
     if cfg.compile.enabled:
         compilation.apply(policy, cfg.compile.mode, device)
     return policy

@@ -42,6 +42,7 @@ Where robotrain differs from LeRobot 0.6.1:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Optional
@@ -253,8 +254,7 @@ class PI05Config(PI0Config):
 
 
 def tokenizer_in_processor(directory: Path) -> dict[str, Any]:
-    import json
-
+    """{"tokenizer_name": ...} from a pretrained_model/ folder's tokenizer step, or {}."""
     pipeline = Path(directory) / "policy_preprocessor.json"
     if not pipeline.is_file():
         return {}
