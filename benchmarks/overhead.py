@@ -88,14 +88,38 @@ def overrides(args, num_workers: int, variant: str = "plain") -> list[str]:
     micro_batches = 4 if variant.startswith("grad_accum_steps=4") else 1
     return [
         "policy=mlp", f"policy.hidden_dim={args.hidden_dim}", f"batch_size={args.batch_size // micro_batches}",
-        f"num_workers={num_workers}", f"steps={args.steps}", f"log_every={args.log_every}",
+        f"num_workers={num_workers}", f"steps={args.warmup + args.steps}", f"log_every={args.log_every}",
         "checkpoint.every=0", "eval.enabled=false",
         # The final checkpoint is outside the timed span; no fsync keeps the runs short.
         "checkpoint.fsync=false", *VARIANTS[variant],
     ]
 
 
-def run_robotrain(cfg, scratch: Path) -> Measured:
+@dataclass
+class Windows:
+    """A run's log windows: step at the window's end, wall stamp, per-step data and busy seconds."""
+
+    steps: list[int]
+    stamps: list[float]
+    data_s: list[float]
+    busy_s: list[float]
+
+    def measured(self, first: int, last: int) -> Measured:
+        """Throughput and data wait over the windows ending in steps (first, last]: the window
+        ending at `first` only opens the span. Throughput is one window's steps over the median
+        window wall time, which shrugs off a window that another tenant of the machine slowed.
+        (robotrain's stamps are rounded to 1 ms: +-0.15 % of a ~130 ms window, and unbiased.)"""
+        keep = [i for i, step in enumerate(self.steps) if first <= step <= last]
+        steps, stamps = [self.steps[i] for i in keep], [self.stamps[i] for i in keep]
+        spans = [(b - a, t1 - t0) for a, b, t0, t1 in zip(steps, steps[1:], stamps, stamps[1:])]
+        per_step = median([seconds / n for n, seconds in spans])
+        weights = [n for n, _ in spans]
+        data = sum(w * self.data_s[i] for w, i in zip(weights, keep[1:]))
+        busy = sum(w * self.busy_s[i] for w, i in zip(weights, keep[1:]))
+        return Measured(1 / per_step, data / busy)
+
+
+def run_robotrain(cfg, scratch: Path) -> Windows:
     run_dir = Path(tempfile.mkdtemp(prefix="robotrain-", dir=scratch))
     try:
         train(cfg, run_dir)
@@ -103,22 +127,9 @@ def run_robotrain(cfg, scratch: Path) -> Measured:
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     windows = [m for m in lines if "steps_per_s" in m]
-    return _measured([m["step"] for m in windows], [m["time"] for m in windows],
-                     [m["data_wait_frac"] / m["steps_per_s"] for m in windows],
-                     [1 / m["steps_per_s"] for m in windows])
-
-
-def _measured(steps: list[int], stamps: list[float], data_s: list[float], busy_s: list[float]) -> Measured:
-    """Steady state from log windows: the first window (start-up) is left out; throughput is
-    one window's steps over the median window wall time, which shrugs off a window that
-    another tenant of the machine slowed down. `data_s`/`busy_s` are per-step means of a window.
-    (robotrain's stamps are rounded to 1 ms: +-0.15 % of a ~350 ms window, and unbiased.)"""
-    spans = [(b - a, t1 - t0) for a, b, t0, t1 in zip(steps, steps[1:], stamps, stamps[1:])]
-    per_step = median([seconds / n for n, seconds in spans])
-    weights = [n for n, _ in spans]
-    data = sum(w * d for w, d in zip(weights, data_s[1:]))
-    busy = sum(w * b for w, b in zip(weights, busy_s[1:]))
-    return Measured(1 / per_step, data / busy)
+    return Windows([m["step"] for m in windows], [m["time"] for m in windows],
+                   [m["data_wait_frac"] / m["steps_per_s"] for m in windows],
+                   [1 / m["steps_per_s"] for m in windows])
 
 
 class _BatchReads(torch.utils.data.Dataset):
@@ -129,7 +140,7 @@ class _BatchReads(torch.utils.data.Dataset):
         return self.dataset.get_batch(indices)
 
 
-def run_bare(cfg) -> Measured:
+def run_bare(cfg) -> Windows:
     """The simplest loop doing the same math (no accelerate, no custom sampler, no logging)."""
     torch.manual_seed(cfg.seed)
     root = data.prepare(cfg.dataset)
@@ -163,7 +174,7 @@ def run_bare(cfg) -> Measured:
     loader = DataLoader(_BatchReads(dataset), sampler=BatchSampler(sampler, cfg.batch_size, drop_last=True),
                         batch_size=None, num_workers=cfg.num_workers)
 
-    steps, stamps, data_s, busy_s = [], [], [], []
+    windows = Windows([], [], [], [])
     window_data, window_busy = 0.0, 0.0
     batches = iter(loader)
     for step in range(1, cfg.steps + 1):
@@ -184,13 +195,13 @@ def run_bare(cfg) -> Measured:
         t2 = time.perf_counter()
         window_data, window_busy = window_data + (t1 - t0), window_busy + (t2 - t0)
         if step % cfg.log_every == 0:  # the same windows robotrain logs
-            steps.append(step)
-            stamps.append(t2)
-            data_s.append(window_data / cfg.log_every)
-            busy_s.append(window_busy / cfg.log_every)
+            windows.steps.append(step)
+            windows.stamps.append(t2)
+            windows.data_s.append(window_data / cfg.log_every)
+            windows.busy_s.append(window_busy / cfg.log_every)
             window_data, window_busy = 0.0, 0.0
     del batches
-    return _measured(steps, stamps, data_s, busy_s)
+    return windows
 
 
 def _accumulate(policy, micro: list[dict]) -> None:
@@ -225,10 +236,29 @@ def profile(cfg, scratch: Path, top: int) -> None:
     print(out.getvalue())
 
 
+def report(title: str, runs: dict[str, list[Windows]], first: int, last: int, detail: bool) -> None:
+    """Print robotrain/bare over steps (first, last]: the median of per-round ratios (the two runs
+    of a round are adjacent in time and alternate in order, so load drift between rounds cancels)."""
+    ours = [w.measured(first, last) for w in runs["robotrain"]]
+    bare = [w.measured(first, last) for w in runs["bare"]]
+    ours_sps, bare_sps = [m.steps_per_s for m in ours], [m.steps_per_s for m in bare]
+    ratio = median([a / b for a, b in zip(ours_sps, bare_sps)])
+    wait_ours, wait_bare = median([m.data_wait for m in ours]), median([m.data_wait for m in bare])
+    print(f"{title}: robotrain/bare = {ratio:.3f}{' (target >= 0.98)' if detail else ''}; data wait robotrain "
+          f"{100 * wait_ours:.1f}% bare {100 * wait_bare:.1f}%{' (target <= 2%)' if detail else ''}")
+    if detail:
+        print(f"    median steps/s robotrain {median(ours_sps):.2f} bare {median(bare_sps):.2f} "
+              f"(ratio of medians {median(ours_sps) / median(bare_sps):.3f}); per round: robotrain "
+              f"{fmt_list(ours_sps, '.2f')} bare {fmt_list(bare_sps, '.2f')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=6, help="interleaved runs per side")
-    parser.add_argument("--steps", type=int, default=40, help="steps per run (the first log window is warm-up)")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per run, after the warm-up")
+    parser.add_argument("--warmup", type=int, default=150,
+                        help="untimed steps first: a fresh dataset decodes each PNG frame once, in about the "
+                             "first 150 steps of batch 256 over the task's 10,637 frames")
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--hidden-dim", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -242,32 +272,21 @@ def main() -> None:
     # whenever another tenant takes one core, and we measured the same run swinging between
     # 3 and 16 steps/s; single-threaded steps vary by a few percent. Both sides use the setting.
     torch.set_num_threads(args.threads)
-    if args.steps < 3 * args.log_every:
-        parser.error("--steps must be at least 3 x --log-every (one warm-up window, two timed ones)")
+    if args.steps < 2 * args.log_every or args.warmup % args.log_every:
+        parser.error("--steps must be at least 2 x --log-every and --warmup a multiple of it")
 
     scratch = Path(tempfile.mkdtemp(prefix="robotrain-overhead-"))
     try:
         for variant, num_workers in [(v, w) for v in args.variants for w in args.workers]:
             cfg = compose(overrides(args, num_workers, variant))
             data.prepare(cfg.dataset)  # generate the dataset (once, cached) outside any timing
-            results = interleaved(
-                {"robotrain": lambda: run_robotrain(cfg, scratch), "bare": lambda: run_bare(cfg)}, args.repeats
-            )
-            ours, bare = results["robotrain"], results["bare"]
-            ours_sps, bare_sps = [m.steps_per_s for m in ours], [m.steps_per_s for m in bare]
-            # Headline: the median of per-round ratios. The two runs of a round are adjacent in
-            # time (and alternate in order), so machine-load drift between rounds cancels.
-            ratio = median([a / b for a, b in zip(ours_sps, bare_sps)])
-            wait_ours, wait_bare = median([m.data_wait for m in ours]), median([m.data_wait for m in bare])
-            print(
-                f"overhead ({variant}, num_workers={num_workers}): robotrain/bare = {ratio:.3f} (target >= 0.98); "
-                f"data wait robotrain {100 * wait_ours:.1f}% bare {100 * wait_bare:.1f}% (target <= 2%)"
-            )
-            print(
-                f"    median steps/s robotrain {median(ours_sps):.2f} bare {median(bare_sps):.2f} "
-                f"(ratio of medians {median(ours_sps) / median(bare_sps):.3f}); per round: robotrain "
-                f"{fmt_list(ours_sps, '.2f')} bare {fmt_list(bare_sps, '.2f')}"
-            )
+            runs = interleaved({"robotrain": lambda: run_robotrain(cfg, scratch), "bare": lambda: run_bare(cfg)},
+                               args.repeats)
+            last = args.warmup + args.steps
+            report(f"overhead ({variant}, num_workers={num_workers})", runs, args.warmup, last, detail=True)
+            if args.warmup > 2 * args.log_every:
+                report("    while the image cache fills (steps after the first window, up to the warm-up's end)",
+                       runs, args.log_every, args.warmup, detail=False)
             if args.profile:
                 profile(cfg, scratch, top=25)
     finally:

@@ -218,8 +218,9 @@ def _checkpoints(cfg: TrainConfig, run_dir: Path, accelerator: Accelerator, para
         "rng": checkpoint.RngStates(world),
         "tracker": checkpoint.Json(tracker_run, f"{layout.TRAINING_STATE}/{tracking.STATE_FILE}", optional=True),
     })
-    if precision.scaler is not None:
-        manager.register({"grad_scaler": checkpoint.Json(precision, f"{layout.TRAINING_STATE}/{SCALER_STATE}")})
+    if precision.scaler is not None:  # optional: a bf16/fp32 checkpoint resumed under fp16 starts a new scale
+        scaler = checkpoint.Json(precision, f"{layout.TRAINING_STATE}/{SCALER_STATE}", optional=True)
+        manager.register({"grad_scaler": scaler})
     if ema is not None:  # after the model: with for_eval it puts the raw weights back
         manager.register({"ema": EmaState(ema, raw=cfg.ema.for_eval)})
     return manager

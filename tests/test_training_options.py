@@ -33,16 +33,33 @@ TINY_DIFFUSION = ["policy=diffusion", "policy.n_obs_steps=2", "policy.horizon=8"
                   "policy.diffusion_step_embed_dim=32", "policy.spatial_softmax_num_keypoints=8",
                   "policy.num_train_timesteps=10", "policy.crop_shape=[28,28]"]
 
-#: Records the dtype of every Linear/Conv output computed with gradients (training forwards).
+#: Records the dtype of every Linear/Conv output computed with gradients (training forwards),
+#: one file per process, written as it grows (ranks leave through os._exit, past atexit).
 RECORD_DTYPES = """
-import atexit, os, torch
+import os, torch
 _seen = set()
 def _hook(module, args, output):
     if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)) and torch.is_grad_enabled():
-        _seen.add(str(output.dtype))
+        if str(output.dtype) not in _seen:
+            _seen.add(str(output.dtype))
+            with open(os.path.join(os.environ["DTYPES_OUT"], str(os.getpid())), "w") as f:
+                f.write(" ".join(sorted(_seen)))
 torch.nn.modules.module.register_module_forward_hook(_hook)
-atexit.register(lambda: open(os.environ["DTYPES_OUT"], "w").write(" ".join(sorted(_seen))))
 """
+#: robotrain offers fp16 on CUDA only; this opens it to CPU runs so that its loss scaling runs here.
+FP16_ON_CPU = """
+import robotrain.precision
+robotrain.precision.FP16_DEVICES = ("cuda", "cpu")
+"""
+
+
+def injected(tmp_path: Path, *sources: str) -> dict[str, str]:
+    """Environment whose Python processes (every rank too) first run `sources` (a sitecustomize)."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text("\n".join(sources))
+    (tmp_path / "dtypes").mkdir()
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")])),
+            "DTYPES_OUT": str(tmp_path / "dtypes")}
 
 
 def train(cli, run_dir: Path, *args: str, processes: int = 1, env: dict | None = None) -> Path:
@@ -61,11 +78,11 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def resumed(cli, run_dir: Path, *args: str, processes: int = 1) -> Path:
+def resumed(cli, run_dir: Path, *args: str, processes: int = 1, env: dict | None = None) -> Path:
     """A new run dir holding `run_dir`'s step-2 checkpoint, resumed to step 4 with `args`."""
     again = run_dir.with_name(run_dir.name + "-resumed")
     shutil.copytree(run_dir / "checkpoints" / "000002", again / "checkpoints" / "000002")
-    return train(cli, again, *args, "resume=auto", processes=processes)
+    return train(cli, again, *args, "resume=auto", processes=processes, env=env)
 
 
 def ema_state(run_dir: Path, step: int = 4) -> dict[str, torch.Tensor]:
@@ -82,12 +99,9 @@ def step_samples(run_dir: Path, rank: int = 0) -> list[list[int]]:
 
 @pytest.mark.parametrize("precision, dtypes", [("fp32", "torch.float32"), ("bf16", "torch.bfloat16")])
 def test_precision_reaches_the_policys_matmuls_and_convolutions(module_cli, tmp_path, precision, dtypes):
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(RECORD_DTYPES)
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")])),
-           "DTYPES_OUT": str(tmp_path / "dtypes")}
+    env = injected(tmp_path, RECORD_DTYPES)
     run_dir = train(module_cli, tmp_path / "run", *TINY_ACT, "steps=2", f"precision={precision}", env=env)
-    assert (tmp_path / "dtypes").read_text() == dtypes
+    assert recorded_dtypes(tmp_path) == {dtypes}
     with safe_open(str(run_dir / "checkpoints" / "000002" / "pretrained_model" / "model.safetensors"), "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # LeRobot's layout, whatever the precision
     optimizer = load_tensors(run_dir / "checkpoints" / "000002" / "training_state" / "optimizer_state.safetensors")
@@ -99,6 +113,42 @@ def test_bf16_training_differs_from_fp32_and_resumes_bit_exactly(module_cli, tmp
     fp32 = train(module_cli, tmp_path / "fp32")
     assert largest_difference(weights(run), weights(fp32)) > 1e-5  # bf16 did change what was computed
     assert_same_tensors(weights(resumed(module_cli, run, "precision=bf16")), weights(run))
+
+
+def recorded_dtypes(tmp_path: Path) -> set[str]:
+    """What RECORD_DTYPES saw, over every process that ran a training forward."""
+    return {dtype for path in (tmp_path / "dtypes").iterdir() for dtype in path.read_text().split()}
+
+
+def scaler_state(run_dir: Path, step: int = 4) -> dict:
+    return json.loads((run_dir / "checkpoints" / f"{step:06d}" / "training_state" / "grad_scaler.json").read_text())
+
+
+@pytest.mark.parametrize("processes, strategy", [(1, "ddp"), pytest.param(2, "fsdp", marks=pytest.mark.slow)])
+def test_fp16_scales_the_loss_and_resumes_its_scale_bit_exactly(module_cli, tmp_path, processes, strategy):
+    """fp16's path, run on CPU (float16 matmuls run there too): the forward in float16, the loss
+    scaled and the gradients unscaled before clipping, the scaler's state saved and resumed."""
+    env = injected(tmp_path, RECORD_DTYPES, FP16_ON_CPU)
+    options = ["precision=fp16", f"distributed.strategy={strategy}"]
+    run = train(module_cli, tmp_path / "run", *options, processes=processes, env=env)
+    assert recorded_dtypes(tmp_path) == {"torch.float16"}
+    assert len(list((tmp_path / "dtypes").iterdir())) == processes
+    assert scaler_state(run) == {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                 "growth_interval": 2000, "_growth_tracker": 4}  # 4 steps, none skipped
+    fp32 = train(module_cli, tmp_path / "fp32", f"distributed.strategy={strategy}", processes=processes)
+    # Float16 rounding only: the last two steps moved weights by ~1e-3, and gradients clipped
+    # while still scaled (or unscaled twice) shrink the updates far more than this.
+    assert 1e-6 < largest_difference(weights(run), weights(fp32)) < 1e-4
+    again = resumed(module_cli, run, *options, processes=processes, env=env)
+    assert_same_tensors(weights(again), weights(run))
+    assert scaler_state(again) == scaler_state(run)
+
+
+def test_fp16_resuming_a_checkpoint_without_a_loss_scale_starts_a_new_one(module_cli, tmp_path):
+    env = injected(tmp_path, FP16_ON_CPU)
+    run = train(module_cli, tmp_path / "run")
+    again = resumed(module_cli, run, "precision=fp16", env=env)
+    assert scaler_state(again)["_growth_tracker"] == 2  # counted from the resumed step
 
 
 @pytest.mark.parametrize("args, expected", [
