@@ -134,7 +134,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     elif resume is not None:
         out.evaluator.resume(step)  # evaluations a kill interrupted start again
 
-    stream = batches(_loader(cfg, accelerator, dataset, position), cfg.prefetch * cfg.grad_accum_steps)
+    stream = batches(_loader(cfg, accelerator, dataset, position), cfg.prefetch, cfg.grad_accum_steps)
     augment = augmentation.for_training(cfg.dataset.image_transforms, cfg.seed, dataset.meta.camera_keys, position,
                                         accelerator.process_index, run_dir if accelerator.is_main_process else None)
     training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler, ema, augment,
@@ -160,7 +160,7 @@ def _steps(training: "_Training", stream, out: "_Outputs", saver: "_Saver", step
     with PreemptionFlag() as preemption:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            micro_batches = [next(stream) for _ in range(cfg.grad_accum_steps)]
+            micro_batches = next(stream)
             t1 = time.perf_counter()
             loss, grad_norm = training.update(micro_batches, step)
             step += 1
@@ -304,7 +304,7 @@ def _loader(cfg: TrainConfig, accelerator: Accelerator, dataset, position: DataP
     return make_loader(
         dataset, position.batches(accelerator.process_index),
         # Frames decoded on the GPU are there already; pinning is for CPU tensors only.
-        num_workers=cfg.num_workers, seed=cfg.seed,
+        num_workers=cfg.num_workers, seed=cfg.seed, micro_batches=cfg.grad_accum_steps,
         pin_memory=accelerator.device.type == "cuda" and cfg.dataset.video_device == "cpu",
     )
 

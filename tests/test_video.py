@@ -475,3 +475,26 @@ def test_frames_decoded_on_the_gpu_equal_lerobots(lerobot_items):
         frames = ds[i][CAMERAS[0]]
         assert frames.is_cuda
         assert (frames.cpu() - lerobot_items[f"{i}/{CAMERAS[0]}"]).abs().max() <= FRAME_TOLERANCE, i
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_step_read_as_one_batch_splits_into_exactly_its_micro_batches(num_workers):
+    """Gradient accumulation reads each step's micro-batches with one get_batch (video decoded
+    once per step); every feature, task strings included, equals reading each micro-batch alone."""
+    from robotrain.data.loader import batches, make_loader
+    from robotrain.data.sampler import EpisodeAwareSampler, GlobalBatchSampler
+
+    ds = LeRobotDataset(REPO_ID, root=REFERENCE, delta_timestamps=DELTAS, return_uint8=True)
+    ends = [start + length for start, length in zip(STARTS, LENGTHS)]
+    sampler = GlobalBatchSampler(EpisodeAwareSampler(STARTS, ends, seed=3), 6)
+    loader = make_loader(ds, sampler, num_workers=num_workers, pin_memory=False, seed=0, micro_batches=3)
+    steps = batches(loader, prefetch=2, micro_batches=3)
+    for step in range(2):
+        micro_batches = next(steps)
+        assert len(micro_batches) == 3
+        for micro, batch in enumerate(micro_batches):
+            expected = ds.get_batch(sampler.batch(3 * step + micro))
+            assert batch.keys() == expected.keys()
+            for key, value in expected.items():
+                assert value == batch[key] if key == "task" else torch.equal(batch[key], value), (step, micro, key)
+    steps.close()  # the prefetch thread, or the generator over the workers

@@ -1,10 +1,13 @@
 """How batches reach the training loop.
 
-- Each batch is read with one vectorized `dataset.get_batch(indices)` call (array indexing,
-  cached image decodes) rather than one `__getitem__` per sample plus a collate.
+- Each optimizer step's samples are read with one vectorized `dataset.get_batch(indices)` call
+  (array indexing, cached image decodes) rather than one `__getitem__` per sample plus a
+  collate, and then split into the step's micro-batches (views): with gradient accumulation a
+  step costs one read, not one per micro-batch. Every feature is computed row by row, so a
+  micro-batch holds exactly what reading it alone would give.
 - The indices come from a batch sampler (`GlobalBatchSampler`): the order never depends on
   how batches are produced, so results are the same for any `num_workers` or prefetch depth.
-- With `num_workers=0`, a background thread keeps `prefetch` batches ready, so the loop does
+- With `num_workers=0`, a background thread keeps `prefetch` steps ready, so the loop does
   not wait for data while the model computes (numpy and torch release the GIL for their work).
   With workers, the DataLoader's own `prefetch_factor` does that.
 - The batch sampler never ends (it walks epoch after epoch), so the loader is iterated once per
@@ -16,6 +19,7 @@
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from dataclasses import dataclass
@@ -63,15 +67,36 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def make_loader(dataset: Any, batch_sampler: Sampler[list[int]], *, num_workers: int, pin_memory: bool,
-                seed: int) -> DataLoader:
+                seed: int, micro_batches: int = 1) -> DataLoader:
+    """A loader whose every item is `micro_batches` consecutive batches of `batch_sampler`, read
+    as one (split them with `batches`)."""
     return DataLoader(
         _Batches(dataset),
-        sampler=batch_sampler,
+        sampler=_Joined(batch_sampler, micro_batches) if micro_batches > 1 else batch_sampler,
         batch_size=None,  # the sampler yields whole batches; get_batch builds them
         num_workers=num_workers,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),  # keeps the loader off the global RNG
     )
+
+
+class _Joined(Sampler[list[int]]):
+    """`count` consecutive batches of `batch_sampler` as one list of indices."""
+
+    def __init__(self, batch_sampler: Sampler[list[int]], count: int):
+        super().__init__()
+        self.batch_sampler, self.count = batch_sampler, count
+
+    def __iter__(self) -> Iterator[list[int]]:
+        source = iter(self.batch_sampler)
+        for first in source:
+            yield [index for batch in (first, *itertools.islice(source, self.count - 1)) for index in batch]
+
+
+def split(batch: dict[str, Any], count: int) -> list[dict[str, Any]]:
+    """A batch cut into `count` equal batches along its first dimension (tensors as views)."""
+    size = len(next(iter(batch.values()))) // count
+    return [{key: value[i * size:(i + 1) * size] for key, value in batch.items()} for i in range(count)]
 
 
 _END = object()
@@ -121,15 +146,16 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
-def batches(loader: DataLoader, prefetch: int) -> Iterator[dict[str, Any]]:
-    """An iterator over `loader`, prefetched on a thread when the loader has no workers."""
+def batches(loader: DataLoader, prefetch: int, micro_batches: int = 1) -> Iterator[list[dict[str, Any]]]:
+    """An iterator over `loader`'s steps, each a list of `micro_batches` batches; prefetched
+    `prefetch` steps ahead on a thread when the loader has no workers."""
     if loader.num_workers == 0 and prefetch > 0:
-        return Prefetcher(_checked(iter(loader)), prefetch)
-    return _checked(iter(loader))
+        return Prefetcher(_checked(iter(loader), micro_batches), prefetch)
+    return _checked(iter(loader), micro_batches)
 
 
-def _checked(source: Iterator[Any]) -> Iterator[dict[str, Any]]:
+def _checked(source: Iterator[Any], micro_batches: int) -> Iterator[list[dict[str, Any]]]:
     for batch in source:
         if isinstance(batch, _Failed):
             raise UserError(batch.message)
-        yield batch
+        yield split(batch, micro_batches) if micro_batches > 1 else [batch]
