@@ -1,6 +1,6 @@
 """Framework overhead of `robotrain.train.train` against a bare PyTorch loop, side by side.
 
-    python benchmarks/overhead.py [--repeats 6] [--steps 40] [--profile]
+    python benchmarks/overhead.py [--repeats 6] [--warmup 150] [--steps 40] [--profile]
 
 Both sides train the same policy class (`robotrain.policies.make`, MLP) on the same dataset
 (`LeRobotDataset` over the embedded reach task, same `delta_timestamps`) with the same batch
@@ -12,7 +12,8 @@ differ only in the code around the math:
   `robotrain.train.train(cfg, run_dir)` (Accelerator, EpisodeAwareSampler +
   GlobalBatchSampler, device moves, metric windows, progress, preemption flag, ...).
 - bare: a `DataLoader` over the same batched reads (`LeRobotDataset.get_batch`) with a
-  `BatchSampler(RandomSampler)`, and the plainest loop.
+  `BatchSampler(RandomSampler)`, and the plainest loop (one read per micro-batch; robotrain
+  reads a step's micro-batches as one, which is part of what is measured).
 
 Printed per training option (`--variants`: plain, `grad_accum_steps=4` with a quarter of the
 batch per micro-batch, `ema.enabled=true`; the bare loop does the same accumulation — each
@@ -27,15 +28,18 @@ How the robotrain side is timed (the last step is always checkpointed, even with
 checkpoint.every=0): each metrics.jsonl line carries a wall-clock `time` stamp written when a
 log window closes, *before* that step's checkpoint is saved. The wall time between two
 consecutive lines is one window of `log_every` steps with everything the loop does in it
-(logging, progress, sampler, accelerate wrappers); set-up, the first window (worker start-up,
-first batches) and the final checkpoint save fall outside. A run's throughput is log_every /
-the median window time (robust to a window slowed by another tenant). The bare loop takes a
+(logging, progress, sampler, accelerate wrappers); set-up and the final checkpoint save fall
+outside. The headline covers the `--steps` after `--warmup` steps: a fresh dataset decodes each
+of the task's 10,637 PNG frames once, on first use, and at batch 256 most have been by step
+150; a long run spends nearly all its steps past that. A second line gives the same ratio over
+the warm-up itself (but its first window: worker start-up, first batches). A run's throughput
+is log_every / the median window time (robust to a window slowed by another tenant). The bare loop takes a
 `perf_counter` stamp at the same steps. Data wait of robotrain comes from the windows' own
 `data_wait_frac` and `steps_per_s` (sum of data seconds / sum of step seconds over the timed
 windows); the bare loop times `next()` the same way.
 
 Model and batch: MLP hidden_dim=1024 (1.3 M parameters), batch 256. The forward+backward+AdamW
-step then costs ~32 ms on one CPU thread and reading a batch ~1 ms once images are cached, so a per-step framework
+step then costs ~25 ms on one CPU thread and reading a batch ~2 ms once images are cached, so a per-step framework
 cost of a few hundred microseconds (Python bookkeeping, an extra sync, a wrapper) shows at the
 ~1 % level, while the step is not dominated by fixed per-call costs as a tiny model's would be.
 torch runs one intra-op thread on both sides by default (`--threads`): on a small shared machine

@@ -134,7 +134,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: ResumePoint | None = None,
     elif resume is not None:
         out.evaluator.resume(step)  # evaluations a kill interrupted start again
 
-    stream = batches(_loader(cfg, accelerator, dataset, position), cfg.prefetch, cfg.grad_accum_steps)
+    stream = batches(_loader(cfg, accelerator, dataset, position), cfg.prefetch, cfg.grad_accum_steps,
+                     accelerator.device)
     augment = augmentation.for_training(cfg.dataset.image_transforms, cfg.seed, dataset.meta.camera_keys, position,
                                         accelerator.process_index, run_dir if accelerator.is_main_process else None)
     training = _Training(cfg, accelerator, parallel, precision, policy, optimizer, scheduler, ema, augment,

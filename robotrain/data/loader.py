@@ -146,16 +146,20 @@ class Prefetcher:
         self._thread.join(timeout=5)
 
 
-def batches(loader: DataLoader, prefetch: int, micro_batches: int = 1) -> Iterator[list[dict[str, Any]]]:
+def batches(loader: DataLoader, prefetch: int, micro_batches: int = 1,
+            device: torch.device | None = None) -> Iterator[list[dict[str, Any]]]:
     """An iterator over `loader`'s steps, each a list of `micro_batches` batches; prefetched
-    `prefetch` steps ahead on a thread when the loader has no workers."""
-    if loader.num_workers == 0 and prefetch > 0:
-        return Prefetcher(_checked(iter(loader), micro_batches), prefetch)
-    return _checked(iter(loader), micro_batches)
+    `prefetch` steps ahead on a thread when the loader has no workers. For a CPU `device` the
+    batches come out as `to_device` makes them, so that the read-ahead thread, not the
+    training step, converts the camera frames to float32."""
+    ready = _checked(iter(loader), micro_batches, device if device is not None and device.type == "cpu" else None)
+    return Prefetcher(ready, prefetch) if loader.num_workers == 0 and prefetch > 0 else ready
 
 
-def _checked(source: Iterator[Any], micro_batches: int) -> Iterator[list[dict[str, Any]]]:
+def _checked(source: Iterator[Any], micro_batches: int, cpu: torch.device | None) -> Iterator[list[dict[str, Any]]]:
     for batch in source:
         if isinstance(batch, _Failed):
             raise UserError(batch.message)
+        if cpu is not None:
+            batch = to_device(batch, cpu)
         yield split(batch, micro_batches) if micro_batches > 1 else [batch]
