@@ -253,6 +253,20 @@ def test_loss_ignores_padded_targets(tokenizer):
     assert torch.isfinite(padded) and abs(padded.item() - clean.item()) < 0.5 * clean.item() + 1.0
 
 
+@pytest.mark.parametrize("kind", CLASSES)
+def test_an_empty_camera_is_an_input_no_batch_holds(kind, tokenizer):
+    """LeRobot's empty_cameras: image inputs the robot lacks; the policy trains and acts without
+    them in the batch (each is an all -1 image with a false mask)."""
+    policy = tiny(kind, tokenizer, empty_cameras=1)
+    assert "observation.images.empty_camera_0" in policy.config.input_features
+    with global_batch.step(0, 1):
+        loss, _ = policy(batch())
+    assert torch.isfinite(loss)
+    policy.eval()
+    with torch.no_grad():
+        assert policy.predict_action_chunk(batch()).shape == (2, 5, 6)
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tokenizer):
     results = []
     for recompute in (False, True):

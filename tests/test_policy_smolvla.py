@@ -147,6 +147,12 @@ def test_select_action_gives_one_action_per_environment(policy):
     policy.reset()
 
 
+def test_an_empty_camera_is_an_input_no_observation_holds(dataset, tiny_vlm):
+    policy = make_policy(dataset, tiny_vlm, empty_cameras=1).eval()
+    assert "observation.images.empty_camera_0" in policy.config.input_features
+    assert torch.isfinite(seeded_chunk(policy, observation(2))).all()
+
+
 def test_the_kv_cache_does_not_change_the_actions(policy):
     obs = observation(2)
     cached = seeded_chunk(policy, obs)

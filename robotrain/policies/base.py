@@ -263,6 +263,9 @@ class Policy(nn.Module):
     #: Report each sample's loss in the forward's metrics (`PER_SAMPLE_LOSS`): the training loop
     #: turns it on for a mixture of datasets (per-member losses); off, it costs nothing.
     reports_per_sample_loss: bool = False
+    #: Inputs a batch may lack (VLAs: a camera the robot does not have is absent, and the policy
+    #: fills its place); for other policies every input is required.
+    inputs_may_be_absent: bool = False
 
     # -- training ---------------------------------------------------------------------
     def _per_sample_loss(self, values: torch.Tensor, valid: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -284,7 +287,8 @@ class Policy(nn.Module):
         keys = list(self.config.input_features) + (list(self.config.output_features) if with_targets else [])
         out = dict(batch)
         for key in keys:
-            out[key] = self.normalizer.normalize(key, batch[key])
+            if key in batch or not self.inputs_may_be_absent:
+                out[key] = self.normalizer.normalize(key, batch[key])
         return out
 
     def peft_defaults(self) -> dict[str, Any]:

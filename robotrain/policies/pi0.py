@@ -645,6 +645,7 @@ class PI0Policy(Policy):
     config_class = PI0Config
     #: LeRobot's pi0_new_line_processor ends each task with a newline; pi0.5's prompt has its own end.
     newline_after_task: ClassVar[bool] = True
+    inputs_may_be_absent = True  # empty cameras
 
     def __init__(self, config: PI0Config, stats):
         # LeRobot's validate_features: empty cameras are image inputs the batch never holds.
@@ -661,10 +662,6 @@ class PI0Policy(Policy):
                             f"the {vocab} of policy.paligemma_variant={config.paligemma_variant}")
 
     # -- inputs -----------------------------------------------------------------------------
-    def _normalize(self, batch: dict[str, Any], with_targets: bool) -> dict[str, Any]:
-        keys = list(self.config.input_features) + (list(self.config.output_features) if with_targets else [])
-        return {**batch, **{k: self.normalizer.normalize(k, batch[k]) for k in keys if k in batch}}
-
     def prepare_images(self, batch: dict[str, Any]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Images resized with centered padding to `image_resolution` and mapped from [0, 1] to
         [-1, 1]; each camera absent from the batch becomes an all -1 image with a false mask."""

@@ -710,6 +710,7 @@ def _aloha_convert(x: torch.Tensor, gripper) -> torch.Tensor:
 class SmolVLAPolicy(Policy):
     name = "smolvla"
     config_class = SmolVLAConfig
+    inputs_may_be_absent = True  # empty cameras
 
     def __init__(self, config: SmolVLAConfig, stats):
         # LeRobot's validate_features: empty cameras are image inputs the batch never holds.
@@ -723,14 +724,6 @@ class SmolVLAPolicy(Policy):
         self.model = VLAFlowMatching(config, fake, global_img)
 
     # -- inputs -----------------------------------------------------------------------------
-    def _normalize(self, batch: dict[str, Any], with_targets: bool) -> dict[str, Any]:
-        keys = list(self.config.input_features) + (list(self.config.output_features) if with_targets else [])
-        out = dict(batch)
-        for key in keys:
-            if key in batch:  # empty cameras are absent
-                out[key] = self.normalizer.normalize(key, batch[key])
-        return out
-
     def tokenize(self, tasks: list[str] | str, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """LeRobot's preprocessor: a newline after each task, then the backbone's tokenizer
         (right padding per `pad_language_to`, truncation to `tokenizer_max_length`)."""
