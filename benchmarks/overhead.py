@@ -83,7 +83,8 @@ class Measured:
 
 
 #: Training options measured, each against a bare loop doing the same math: the plain run, four
-#: micro-batches of a quarter of the batch per step, and an EMA of the weights.
+#: micro-batches of a quarter of the batch per step, and an EMA of the weights; the `prefetch=0`
+#: rows turn robotrain's read-ahead thread off (the bare loop has none).
 VARIANTS = {"plain": [], "grad_accum_steps=4": ["grad_accum_steps=4"], "ema": ["ema.enabled=true"],
             "grad_accum_steps=4 prefetch=0": ["grad_accum_steps=4", "prefetch=0"], "prefetch=0": ["prefetch=0"]}
 

@@ -26,7 +26,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SCALER_STATE = "grad_scaler.json"
 #: Device types fp16 is offered on. CPU autocast does run float16, slowly and with no gain over
 #: bf16, so CPU users are sent to bf16; the test suite adds "cpu" here to run the loss-scaling
-#: path (scaled backward, unscale before clipping, skipped steps, the scaler's checkpoint part).
+#: path (scaled backward, unscale before clipping, the scaler's checkpoint part).
 FP16_DEVICES: tuple[str, ...] = ("cuda",)
 
 

@@ -108,6 +108,15 @@ def tree_digest(root: Path) -> str:
     return digest.hexdigest()
 
 
+def sitecustomize(tmp_path: Path, *sources: str) -> dict[str, str]:
+    """Environment (PYTHONPATH) whose Python processes, every rank of a run too, first run
+    `sources` as their sitecustomize module."""
+    folder = tmp_path / "inject"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text("\n".join(sources))
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
 def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.strip()]
 

@@ -5,14 +5,13 @@ another number of processes, a dataset fetched once, and clean exits."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
 from robotrain import strategy
-from tests.conftest import TINY, assert_one_line_error, error_lines, tree_digest
+from tests.conftest import TINY, assert_one_line_error, error_lines, sitecustomize, tree_digest
 from tests.test_resume import assert_same_final_state, load_tensors
 
 RUN = [*TINY, "steps=20", "checkpoint.every=10", "log_samples=true"]
@@ -153,9 +152,7 @@ if os.environ.get("RANK") == "1":
 
 @pytest.mark.parametrize("name", sorted(strategy.STRATEGIES))
 def test_a_failure_on_one_process_ends_every_process_and_is_reported_once(module_cli, tmp_path, name):
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
-    env = {**module_cli.env, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")]))}
+    env = {**module_cli.env, **sitecustomize(tmp_path, FAIL_ON_RANK_1)}
     # Within the timeout, far below gloo's 30-minute collective timeout: process 0 did not wait.
     done = type(module_cli)(env=env, cwd=tmp_path).run(
         *TINY, "steps=6", "distributed.processes=2", f"distributed.strategy={name}",

@@ -5,7 +5,6 @@ exact data position."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import TINY, assert_one_line_error, assert_same_tensors, load_tensors
+from tests.conftest import TINY, assert_one_line_error, assert_same_tensors, load_tensors, sitecustomize
 
 RUN = [*TINY, "steps=4", "checkpoint.every=2", "log_every=2", "log_samples=true", "optim.eps=1e-5"]
 #: As in tests/test_matrix.py: runs that differ only in float reduction order agree to this
@@ -53,13 +52,11 @@ robotrain.precision.FP16_DEVICES = ("cuda", "cpu")
 """
 
 
-def injected(tmp_path: Path, *sources: str) -> dict[str, str]:
-    """Environment whose Python processes (every rank too) first run `sources` (a sitecustomize)."""
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text("\n".join(sources))
+def recording_dtypes(tmp_path: Path, *sources: str) -> dict[str, str]:
+    """Environment whose processes record their training forwards' dtypes (`recorded_dtypes`)
+    and then run `sources`."""
     (tmp_path / "dtypes").mkdir()
-    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")])),
-            "DTYPES_OUT": str(tmp_path / "dtypes")}
+    return {**sitecustomize(tmp_path, RECORD_DTYPES, *sources), "DTYPES_OUT": str(tmp_path / "dtypes")}
 
 
 def train(cli, run_dir: Path, *args: str, processes: int = 1, env: dict | None = None) -> Path:
@@ -99,7 +96,7 @@ def step_samples(run_dir: Path, rank: int = 0) -> list[list[int]]:
 
 @pytest.mark.parametrize("precision, dtypes", [("fp32", "torch.float32"), ("bf16", "torch.bfloat16")])
 def test_precision_reaches_the_policys_matmuls_and_convolutions(module_cli, tmp_path, precision, dtypes):
-    env = injected(tmp_path, RECORD_DTYPES)
+    env = recording_dtypes(tmp_path)
     run_dir = train(module_cli, tmp_path / "run", *TINY_ACT, "steps=2", f"precision={precision}", env=env)
     assert recorded_dtypes(tmp_path) == {dtypes}
     with safe_open(str(run_dir / "checkpoints" / "000002" / "pretrained_model" / "model.safetensors"), "pt") as f:
@@ -128,7 +125,7 @@ def scaler_state(run_dir: Path, step: int = 4) -> dict:
 def test_fp16_scales_the_loss_and_resumes_its_scale_bit_exactly(module_cli, tmp_path, processes, strategy):
     """fp16's path, run on CPU (float16 matmuls run there too): the forward in float16, the loss
     scaled and the gradients unscaled before clipping, the scaler's state saved and resumed."""
-    env = injected(tmp_path, RECORD_DTYPES, FP16_ON_CPU)
+    env = recording_dtypes(tmp_path, FP16_ON_CPU)
     options = ["precision=fp16", f"distributed.strategy={strategy}"]
     run = train(module_cli, tmp_path / "run", *options, processes=processes, env=env)
     assert recorded_dtypes(tmp_path) == {"torch.float16"}
@@ -145,7 +142,7 @@ def test_fp16_scales_the_loss_and_resumes_its_scale_bit_exactly(module_cli, tmp_
 
 
 def test_fp16_resuming_a_checkpoint_without_a_loss_scale_starts_a_new_one(module_cli, tmp_path):
-    env = injected(tmp_path, FP16_ON_CPU)
+    env = sitecustomize(tmp_path, FP16_ON_CPU)
     run = train(module_cli, tmp_path / "run")
     again = resumed(module_cli, run, "precision=fp16", env=env)
     assert scaler_state(again)["_growth_tracker"] == 2  # counted from the resumed step
@@ -311,9 +308,7 @@ if os.environ.get("RANK") == "1":
 
 
 def test_metrics_report_the_peak_memory_of_the_largest_process(module_cli, tmp_path):
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(GROW_RANK_1)
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")]))}
+    env = sitecustomize(tmp_path, GROW_RANK_1)
     run_dir = train(module_cli, tmp_path / "run", "batch_size=4", processes=2, env=env)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "loss" in line]
     assert lines and all(line["peak_memory_mb"] > 1024 for line in lines)
@@ -338,10 +333,7 @@ atexit.register(_write)
 
 @pytest.mark.slow
 def test_compile_compiles_the_forward_keeps_plain_keys_and_resumes_bit_exactly(module_cli, tmp_path):
-    (tmp_path / "inject").mkdir()
-    (tmp_path / "inject" / "sitecustomize.py").write_text(COUNT_GRAPHS)
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")])),
-           "GRAPHS_OUT": str(tmp_path / "graphs")}
+    env = {**sitecustomize(tmp_path, COUNT_GRAPHS), "GRAPHS_OUT": str(tmp_path / "graphs")}
     run = train(module_cli, tmp_path / "run", "compile.enabled=true", env=env)
     assert int((tmp_path / "graphs").read_text()) >= 2  # the backend's probe, and the policy's forward
     plain = train(module_cli, tmp_path / "plain")
